@@ -1,0 +1,133 @@
+/* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
+/*
+ * User API of the HMM test device, lib/test_hmm.c.
+ *
+ * Each open of /dev/hmm_dmirrorN gives the caller an emulated device that
+ * mirrors the caller's address space. The ioctls below make that device touch
+ * the mirrored memory the way a GPU would, so that the kernel's HMM, migration
+ * and mmu notifier code paths can be exercised from user space.
+ *
+ * The structure and ioctl numbers 0x00-0x09 are the same as those of the
+ * kernel's own test_hmm driver: programs written for it run unchanged. This is
+ * a private interface of a test module, so it is not exported under
+ * include/uapi.
+ */
+#ifndef _LIB_TEST_HMM_UAPI_H
+#define _LIB_TEST_HMM_UAPI_H
+
+#include <linux/types.h>
+#include <linux/ioctl.h>
+
+/**
+ * struct hmm_dmirror_cmd - argument of every dmirror ioctl
+ * @addr: (in) page-aligned start of the range, in the mirrored address space
+ * @ptr: (in) user buffer the device copies data to or from; for
+ *	%HMM_DMIRROR_SNAPSHOT it receives one state byte per page; for
+ *	%HMM_DMIRROR_FLAGS it is unused
+ * @npages: (in) number of pages in the range, at least one; for
+ *	%HMM_DMIRROR_FLAGS the new flags
+ * @cpages: (out) number of pages copied, migrated or reported
+ * @faults: (out) number of device page faults the request took
+ *
+ * A range that is empty, not page aligned, wraps around or does not fit in a
+ * user address space is refused with -EINVAL. Faults on @addr or @ptr return
+ * -EFAULT. Output fields are written back only when the ioctl succeeds.
+ */
+struct hmm_dmirror_cmd {
+	__u64		addr;
+	__u64		ptr;
+	__u64		npages;
+	__u64		cpages;
+	__u64		faults;
+};
+
+/*
+ * HMM_DMIRROR_READ: the device reads @npages pages at @addr into @ptr,
+ * faulting them into its page table with hmm_range_fault() when they are not
+ * mirrored yet. -EFAULT for memory the CPU could not read either (PROT_NONE,
+ * no mapping).
+ *
+ * HMM_DMIRROR_WRITE: the device writes @ptr to @npages pages at @addr,
+ * faulting them in for write. -EPERM when the mapping is read-only.
+ *
+ * HMM_DMIRROR_MIGRATE_TO_DEV / HMM_DMIRROR_MIGRATE_TO_SYS: move the range to
+ * the device's memory, or back to system memory.
+ *
+ * HMM_DMIRROR_SNAPSHOT: write to @ptr one byte per page describing how the
+ * CPU page table maps it right now (enum hmm_dmirror_prot), without faulting.
+ *
+ * HMM_DMIRROR_EXCLUSIVE: take the pages for exclusive (atomic) device access.
+ * HMM_DMIRROR_CHECK_EXCLUSIVE: -EPERM if any page is still mapped for atomic
+ * access, i.e. the CPU did not revoke it.
+ *
+ * HMM_DMIRROR_RELEASE: evict all of the device's memory back to the system.
+ *
+ * HMM_DMIRROR_FLAGS: set the device flags (HMM_DMIRROR_FLAG_*) to @npages.
+ *
+ * HMM_DMIRROR_READ_UNLOCKED: like HMM_DMIRROR_READ, but faults with the mmap
+ * lock droppable, so that ranges served by userfaultfd can be mirrored.
+ *
+ * Numbers this driver does not implement return -ENOTTY.
+ */
+#define HMM_DMIRROR_READ		_IOWR('H', 0x00, struct hmm_dmirror_cmd)
+#define HMM_DMIRROR_WRITE		_IOWR('H', 0x01, struct hmm_dmirror_cmd)
+#define HMM_DMIRROR_MIGRATE_TO_DEV	_IOWR('H', 0x02, struct hmm_dmirror_cmd)
+#define HMM_DMIRROR_MIGRATE_TO_SYS	_IOWR('H', 0x03, struct hmm_dmirror_cmd)
+#define HMM_DMIRROR_SNAPSHOT		_IOWR('H', 0x04, struct hmm_dmirror_cmd)
+#define HMM_DMIRROR_EXCLUSIVE		_IOWR('H', 0x05, struct hmm_dmirror_cmd)
+#define HMM_DMIRROR_CHECK_EXCLUSIVE	_IOWR('H', 0x06, struct hmm_dmirror_cmd)
+#define HMM_DMIRROR_RELEASE		_IOWR('H', 0x07, struct hmm_dmirror_cmd)
+#define HMM_DMIRROR_FLAGS		_IOWR('H', 0x08, struct hmm_dmirror_cmd)
+#define HMM_DMIRROR_READ_UNLOCKED	_IOWR('H', 0x09, struct hmm_dmirror_cmd)
+
+/* The next device-memory allocation of a migration fails, once. */
+#define HMM_DMIRROR_FLAG_FAIL_ALLOC	0x1ULL
+
+/**
+ * enum hmm_dmirror_prot - per-page state reported by %HMM_DMIRROR_SNAPSHOT
+ * @HMM_DMIRROR_PROT_ERROR: the page cannot be accessed (no VMA, PROT_NONE,
+ *	special mapping, poisoned)
+ * @HMM_DMIRROR_PROT_NONE: not populated (reading would fault)
+ * @HMM_DMIRROR_PROT_READ: mapped read-only
+ * @HMM_DMIRROR_PROT_WRITE: mapped writable
+ * @HMM_DMIRROR_PROT_PMD: or-ed in when a PMD maps the whole huge page
+ * @HMM_DMIRROR_PROT_PUD: or-ed in when a PUD maps the whole huge page
+ * @HMM_DMIRROR_PROT_ZERO: the shared 4 KiB zero page (read-only); the huge
+ *	zero page reads as READ | PMD
+ * @HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL: device-private page of this device
+ * @HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE: device-private page of another device
+ * @HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL: device-coherent page of this device
+ * @HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE: device-coherent page of another device
+ *
+ * READ or WRITE is or-ed into the ZERO and device values, and PMD or PUD into
+ * any mapped value.
+ */
+enum hmm_dmirror_prot {
+	HMM_DMIRROR_PROT_ERROR			= 0xFF,
+	HMM_DMIRROR_PROT_NONE			= 0x00,
+	HMM_DMIRROR_PROT_READ			= 0x01,
+	HMM_DMIRROR_PROT_WRITE			= 0x02,
+	HMM_DMIRROR_PROT_PMD			= 0x04,
+	HMM_DMIRROR_PROT_PUD			= 0x08,
+	HMM_DMIRROR_PROT_ZERO			= 0x10,
+	HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL	= 0x20,
+	HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE	= 0x30,
+	HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL	= 0x40,
+	HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE	= 0x50,
+};
+
+/**
+ * enum hmm_dmirror_memory_type - kind of memory a device owns
+ * @HMM_DMIRROR_MEMORY_DEVICE_PRIVATE: ZONE_DEVICE private memory, which the
+ *	CPU cannot address (devices 0 and 1)
+ * @HMM_DMIRROR_MEMORY_DEVICE_COHERENT: ZONE_DEVICE coherent memory, which the
+ *	CPU can address (devices 2 and 3)
+ *
+ * 0 is not used, so that an unset field is caught.
+ */
+enum hmm_dmirror_memory_type {
+	HMM_DMIRROR_MEMORY_DEVICE_PRIVATE = 1,
+	HMM_DMIRROR_MEMORY_DEVICE_COHERENT,
+};
+
+#endif /* _LIB_TEST_HMM_UAPI_H */

@@ -1,0 +1,120 @@
+#!/bin/sh
+# SPDX-License-Identifier: GPL-2.0
+#
+# Load the HMM test driver (lib/test_hmm.c, CONFIG_TEST_HMM=m), run hmm-tests
+# against it and unload it again. The exit status is that of hmm-tests, the
+# kselftest way: 0 all passed, 4 skipped, anything else failed; failing to load
+# or to unload the driver is a failure too. POSIX sh, so that it also runs
+# under busybox.
+
+DRIVER=test_hmm
+ksft_skip=4
+
+usage()
+{
+	cat <<EOF
+Usage: $0 [smoke] [<spm_addr_dev0> <spm_addr_dev1>] [-- <hmm-tests args>]
+       $0 -h | help
+
+Loads $DRIVER, runs hmm-tests and unloads $DRIVER. Must run as root.
+
+  smoke            accepted for compatibility: the whole suite runs anyway
+  <spm_addr_dev0> <spm_addr_dev1>
+                   physical addresses of the device-coherent memory for
+                   /dev/hmm_dmirror2 and /dev/hmm_dmirror3; without them,
+                   the tests of those devices are skipped
+  -- <args>        passed to hmm-tests, e.g. "-l" to list the tests or
+                   "-r hmm.private0.anon_read" to run one
+
+Extra module parameters can be given as space-separated name=value pairs in
+the TEST_HMM_PARAMS environment variable.
+
+Examples:
+  $0
+  $0 smoke 0x100000000 0x140000000
+  $0 -- -r hmm.private0.anon_read
+EOF
+}
+
+die()
+{
+	echo "$0: $*" >&2
+	exit 1
+}
+
+skip()
+{
+	echo "$0: $*"
+	exit $ksft_skip
+}
+
+module_available()
+{
+	if command -v modinfo > /dev/null 2>&1; then
+		modinfo "$DRIVER" > /dev/null 2>&1
+	else
+		find "/lib/modules/$(uname -r)" -name "$DRIVER.ko*" \
+			2> /dev/null | grep -q .
+	fi
+}
+
+unload_driver()
+{
+	modprobe -r "$DRIVER" || die "could not unload $DRIVER"
+}
+
+spm=
+nspm=0
+while [ $# -gt 0 ]; do
+	case "$1" in
+	-h | --help | help)
+		usage
+		exit 0
+		;;
+	smoke)
+		;;
+	--)
+		shift
+		break
+		;;
+	[0-9]*)
+		nspm=$((nspm + 1))
+		[ $nspm -le 2 ] || die "too many addresses (see $0 -h)"
+		spm="$spm spm_addr_dev$((nspm - 1))=$1"
+		;;
+	*)
+		usage >&2
+		die "unknown argument '$1'"
+		;;
+	esac
+	shift
+done
+[ $nspm -ne 1 ] || die "spm_addr_dev0 needs spm_addr_dev1 as well (see $0 -h)"
+
+[ "$(id -u)" -eq 0 ] || skip "must be run as root"
+command -v modprobe > /dev/null 2>&1 || skip "modprobe is needed"
+module_available ||
+	skip "no $DRIVER module: build the kernel with CONFIG_TEST_HMM=m"
+
+tests="$(dirname "$0")/hmm-tests"
+[ -x "$tests" ] || die "no $tests: build it with make -C tools/testing/selftests TARGETS=mm"
+
+# Start from a fresh module, loaded with our parameters.
+if [ -d "/sys/module/$DRIVER" ]; then
+	unload_driver
+fi
+
+# Word splitting of the parameters is wanted, globbing is not.
+set -f
+# shellcheck disable=SC2086
+modprobe "$DRIVER" $spm $TEST_HMM_PARAMS ||
+	die "could not load $DRIVER with parameters:$spm $TEST_HMM_PARAMS"
+set +f
+trap 'modprobe -r "$DRIVER"; exit 1' HUP INT TERM
+
+"$tests" "$@"
+ret=$?
+
+trap - HUP INT TERM
+unload_driver
+exit $ret
