@@ -11,27 +11,53 @@
  * ZONE_DEVICE code can be exercised from user space
  * (tools/testing/selftests/mm/hmm-tests.c). It is also meant to be read: each
  * API is used the way a real driver should use it, with the reasons written
- * next to the code.
+ * next to the code. The code follows a request: open, fault, device access,
+ * exclusive access, invalidation, release.
  *
- * Devices /dev/hmm_dmirror0 and 1 own device-private memory, 2 and 3
+ * Devices. /dev/hmm_dmirror0 and 1 own device-private memory, 2 and 3
  * device-coherent memory (only when the module is given the physical ranges
  * through spm_addr_dev0 and spm_addr_dev1), as in the kernel's own driver.
+ * Devices 4 and up are more device-private devices (module parameter
+ * private_devices counts all of them), for tests that need many devices.
  *
- * Every open() creates a &struct dmirror: the caller's mm as seen by the
- * device. It holds
+ * Mirrors. Every open() creates a &struct dmirror: the opener's mm as seen by
+ * the device. It holds an emulated device page table, whose last level, a
+ * &struct dmirror_leaf, covers an aligned range of leaf_size bytes (2 MiB by
+ * default) like the last level of a GPU page table. A device PTE records the
+ * pfn of the page it maps and whether the device may write it.
  *
- * - an emulated device page table: a two-level table whose leaves cover
- *   %DMIRROR_LEAF_SIZE of address space each (a last-level GPU page table);
- *   a device PTE records the pfn of the page it maps and whether the device
- *   may write it;
- * - an mmu interval notifier over the whole address space that clears device
- *   PTEs whenever the CPU page table changes, so the device never reaches a
- *   page the CPU has unmapped, moved or write-protected.
+ * Notifiers. The device page table must never map a page the CPU page table
+ * no longer maps. A mirror subscribes to invalidations in one of two models,
+ * chosen per device (&struct hmm_dmirror_settings):
  *
- * The ioctls make the device access memory through its page table. A missing
- * or read-only PTE is a device page fault: the driver asks the CPU page table
- * for the pages with hmm_range_fault() and installs the result, following the
- * collision-retry protocol described below.
+ * - whole: one mmu interval notifier over the whole address space, as the
+ *   kernel's own test driver does. Every invalidation of the process reaches
+ *   the device, mirrored or not.
+ * - per leaf: one interval notifier per leaf, inserted when the device first
+ *   faults in the leaf's range and removed once an invalidation leaves the
+ *   leaf empty. This is what GPU drivers do (nouveau, amdgpu, xe): only
+ *   invalidations of mirrored ranges reach the device, at the price of
+ *   notifier churn. Removal cannot happen in the callback, which runs under
+ *   the notifier's own locking, so it is deferred to a work item.
+ *
+ * Invalidation. Each device has an emulated TLB-invalidation engine: a flush
+ * is submitted, runs asynchronously and completes after flush_latency
+ * (an hrtimer stands in for the device's completion interrupt). A device
+ * takes invalidations in one of two modes:
+ *
+ * - single pass (&mmu_interval_notifier_ops.invalidate): clear the PTEs,
+ *   flush, wait. With N devices mirroring a range, an munmap() waits N
+ *   flush latencies one after the other.
+ * - two pass (.invalidate_start / .invalidate_finish, Linux 7.1): the start
+ *   clears the PTEs and submits the flush, the finish waits for it. The core
+ *   runs every start before any finish, so the N flushes overlap and the
+ *   munmap() waits about one latency. Finish objects come from a small
+ *   per-device pool, because the start may not sleep to allocate; with the
+ *   pool empty the start does the whole invalidation synchronously.
+ *
+ * Device accesses read device PTEs under the mirror's pt_lock, so a cleared
+ * PTE is never used again even before its flush completes; the engine models
+ * the time a real device needs, and the protocol a real driver must follow.
  */
 
 /**
@@ -39,50 +65,74 @@
  *
  * &dmirror.pt_lock (a mutex) is the driver lock of the HMM documentation:
  *
- * - it protects the contents of the device PTEs;
- * - the invalidate callback takes it to clear PTEs and to advance the
- *   notifier sequence (mmu_interval_set_seq());
+ * - it protects the device PTEs and the leaf counts of valid PTEs;
+ * - invalidation callbacks take it to clear PTEs and to advance the notifier
+ *   sequence (mmu_interval_set_seq());
  * - the fault path takes it to check mmu_interval_read_retry() and, only if
  *   no invalidation raced with hmm_range_fault(), to install PTEs.
  *
- * Because the invalidate callback runs from reclaim and under the mmap lock,
- * nothing may be done under pt_lock that can enter reclaim, take the mmap
- * lock or fault on user memory: no GFP_KERNEL allocation, no copy_to_user()
- * or copy_from_user(). Leaves of the page table are therefore allocated
- * before pt_lock is taken, and data goes through a kernel bounce buffer. At
- * open() lockdep is told that pt_lock nests inside reclaim so that a
- * violation is reported at once rather than when reclaim happens to hit.
+ * Invalidation callbacks run from reclaim and under the mmap lock, so nothing
+ * may be done under pt_lock that can enter reclaim, take the mmap lock or
+ * fault on user memory: no GFP_KERNEL allocation, no copy_to_user(). Leaves
+ * are allocated before pt_lock is taken, and data goes through a kernel
+ * bounce buffer. At open() lockdep is told that pt_lock nests inside reclaim,
+ * so that a violation is reported at once, not when reclaim happens to hit.
  *
- * The table of leaves (an xarray) has its own internal lock. A leaf is added
- * without pt_lock (an all-invalid leaf maps nothing) and freed only when the
- * file is released, when no ioctl and no notifier can run any more; readers
- * of leaves under pt_lock may thus use them without further references.
+ * &dmirror.leaf_lock (a mutex) serialises creating a leaf with inserting its
+ * notifier, and removing them, so that concurrent faults on one leaf from
+ * several threads create one leaf and one notifier. It is never taken inside
+ * pt_lock's users in the notifier path, and it is held across
+ * mmu_interval_notifier_insert(), never across _remove().
  *
- * Lock order: mmap_lock -> (released) ; pt_lock is innermost.
+ * The table of leaves (an xarray) has its own internal lock. Lookups are
+ * lockless (RCU). A leaf is counted (&dmirror_leaf.ref): the table holds one
+ * reference and every fault using it one more; it is freed after an RCU
+ * grace period. A leaf leaves the table under pt_lock with &dmirror_leaf.dead
+ * set, so a fault that looked it up earlier sees, under pt_lock, that it
+ * must start again with a new leaf.
+ *
+ * &dmirror_device.lock (a spinlock) protects the device's settings and its
+ * pool of finish objects; it is taken from invalidation callbacks that may
+ * not sleep.
+ *
+ * Lock order: leaf_lock -> mmap_lock -> folio lock -> pt_lock -> device lock.
  */
 
+#include <linux/atomic.h>
+#include <linux/bitmap.h>
 #include <linux/cdev.h>
+#include <linux/completion.h>
 #include <linux/device.h>
 #include <linux/fs.h>
 #include <linux/highmem.h>
 #include <linux/hmm.h>
+#include <linux/hrtimer.h>
 #include <linux/init.h>
 #include <linux/kernel.h>
+#include <linux/kref.h>
+#include <linux/llist.h>
+#include <linux/log2.h>
 #include <linux/memremap.h>
 #include <linux/mm.h>
 #include <linux/mmu_notifier.h>
 #include <linux/module.h>
 #include <linux/mutex.h>
+#include <linux/rcupdate.h>
+#include <linux/rmap.h>
 #include <linux/sched/mm.h>
 #include <linux/sched/signal.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
+#include <linux/workqueue.h>
 #include <linux/xarray.h>
 
 #include "test_hmm_uapi.h"
 
-#define DMIRROR_NDEVICES		4
-#define DMIRROR_NPRIVATE		2
+/* Device numbers of the kernel's own driver. */
+#define DMIRROR_FIRST_COHERENT		2
+#define DMIRROR_NCOHERENT		2
+#define DMIRROR_MIN_PRIVATE		2
+#define DMIRROR_MAX_PRIVATE		64
 
 /* Pages one device fault, copy or snapshot step handles at a time. */
 #define DMIRROR_BATCH_PAGES		64UL
@@ -90,13 +140,17 @@
 /* How long a fault keeps retrying while invalidations collide with it. */
 #define DMIRROR_FAULT_TIMEOUT_MS	HMM_RANGE_DEFAULT_TIMEOUT
 
-#define DMIRROR_LEAF_SHIFT		PMD_SHIFT
-#define DMIRROR_LEAF_SIZE		BIT(DMIRROR_LEAF_SHIFT)
-#define DMIRROR_LEAF_PTES		(DMIRROR_LEAF_SIZE >> PAGE_SHIFT)
+#define DMIRROR_MAX_LEAF_SIZE		SZ_1G
+#define DMIRROR_MAX_FLUSH_LATENCY_NS	(100 * NSEC_PER_MSEC)
+
+/* Finish objects per device: invalidations one device can overlap. */
+#define DMIRROR_FLUSH_POOL		32
 
 /* A device PTE: pfn above DMIRROR_PTE_PFN_SHIFT, flags below. */
 #define DMIRROR_PTE_VALID		BIT_ULL(0)
 #define DMIRROR_PTE_WRITE		BIT_ULL(1)
+/* Mapped for atomic access after make_device_exclusive(). */
+#define DMIRROR_PTE_ATOMIC		BIT_ULL(2)
 #define DMIRROR_PTE_PFN_SHIFT		8
 
 static unsigned long spm_addr_dev0;
@@ -109,49 +163,182 @@ module_param(spm_addr_dev1, ulong, 0444);
 MODULE_PARM_DESC(spm_addr_dev1,
 		 "Physical address of device 3's coherent memory (256 MiB, reserved with memmap=)");
 
+static unsigned int private_devices = 8;
+module_param(private_devices, uint, 0444);
+MODULE_PARM_DESC(private_devices,
+		 "Device-private devices: 0, 1, then 4 and up (2 to 64, default 8)");
+
+static unsigned int notifier_model = HMM_DMIRROR_NOTIFIER_PER_LEAF;
+module_param(notifier_model, uint, 0444);
+MODULE_PARM_DESC(notifier_model,
+		 "Initial notifier model: 0 whole address space, 1 per leaf (default)");
+
+static unsigned int invalidation = HMM_DMIRROR_TWO_PASS;
+module_param(invalidation, uint, 0444);
+MODULE_PARM_DESC(invalidation,
+		 "Initial invalidation mode: 0 single pass, 1 two pass (default)");
+
+static unsigned long flush_latency_ns = 200 * NSEC_PER_USEC;
+module_param(flush_latency_ns, ulong, 0444);
+MODULE_PARM_DESC(flush_latency_ns,
+		 "Initial emulated TLB flush latency in ns (default 200000)");
+
+static unsigned long leaf_size = SZ_2M;
+module_param(leaf_size, ulong, 0444);
+MODULE_PARM_DESC(leaf_size,
+		 "Initial device page table leaf size in bytes (default 2 MiB)");
+
+/**
+ * struct dmirror_flush - a TLB flush of the emulated device
+ * @finish: handed to the core by a two-pass invalidate_start()
+ * @mdevice: device whose engine runs the flush
+ * @timer: stands in for the engine; expires when the flush completes
+ * @done: completed when the flush is
+ */
+struct dmirror_flush {
+	struct mmu_interval_notifier_finish finish;
+	struct dmirror_device *mdevice;
+	struct hrtimer timer;
+	struct completion done;
+};
+
+/**
+ * struct dmirror_device_stats - counters behind &struct hmm_dmirror_stats
+ * @faults: see &struct hmm_dmirror_stats
+ * @invalidations: see &struct hmm_dmirror_stats
+ * @flushes: see &struct hmm_dmirror_stats
+ * @two_pass_starts: see &struct hmm_dmirror_stats
+ * @two_pass_finishes: see &struct hmm_dmirror_stats
+ * @sync_fallbacks: see &struct hmm_dmirror_stats
+ * @nonblock_refused: see &struct hmm_dmirror_stats
+ * @notifiers_live: see &struct hmm_dmirror_stats
+ * @notifier_inserts: see &struct hmm_dmirror_stats
+ * @notifier_removals: see &struct hmm_dmirror_stats
+ */
+struct dmirror_device_stats {
+	atomic64_t faults;
+	atomic64_t invalidations[HMM_DMIRROR_NR_EVENTS];
+	atomic64_t flushes;
+	atomic64_t two_pass_starts;
+	atomic64_t two_pass_finishes;
+	atomic64_t sync_fallbacks;
+	atomic64_t nonblock_refused;
+	atomic64_t notifiers_live;
+	atomic64_t notifier_inserts;
+	atomic64_t notifier_removals;
+};
+
 /**
  * struct dmirror_device - one emulated device, /dev/hmm_dmirrorN
  * @cdev: character device
  * @dev: device model object, named hmm_dmirrorN
  * @id: N
  * @mem_type: kind of ZONE_DEVICE memory the device owns
+ * @lock: protects @settings, @fail_next_finish and @flush_busy
+ * @settings: current settings; flags and reserved are always 0
+ * @fail_next_finish: the next finish object allocation fails
+ * @flush_busy: which of @flush_pool are in use
+ * @flush_pool: finish objects of two-pass invalidations
+ * @stats: counters
  *
  * The address of this structure is the device's owner cookie: it is passed
- * as &hmm_range.dev_private_owner and set in its pagemaps, so that the
- * device's own memory can be told from another device's.
+ * as &hmm_range.dev_private_owner and to make_device_exclusive(), so that
+ * the device recognises its own memory and its own invalidations.
  */
 struct dmirror_device {
 	struct cdev cdev;
 	struct device dev;
 	unsigned int id;
 	enum hmm_dmirror_memory_type mem_type;
+
+	spinlock_t lock;		/* settings and flush pool */
+	struct hmm_dmirror_settings settings;
+	bool fail_next_finish;
+	DECLARE_BITMAP(flush_busy, DMIRROR_FLUSH_POOL);
+	struct dmirror_flush flush_pool[DMIRROR_FLUSH_POOL];
+
+	struct dmirror_device_stats stats;
 };
 
-static struct dmirror_device dmirror_devices[DMIRROR_NDEVICES];
+static struct dmirror_device **dmirror_devices;
+static unsigned int dmirror_nr_ids;
 static dev_t dmirror_devt;
 
+/* Flushes in flight on all devices, and the most seen at once. */
+static atomic_t dmirror_flushes_in_flight = ATOMIC_INIT(0);
+static atomic_t dmirror_flushes_in_flight_max = ATOMIC_INIT(0);
+
+struct dmirror;
+struct dmirror_leaf;
+
 /**
- * struct dmirror_pt_leaf - last level of the emulated device page table
- * @pte: one device PTE per page of the %DMIRROR_LEAF_SIZE range
- * @nr_valid: number of PTEs with %DMIRROR_PTE_VALID set
+ * struct dmirror_notifier - an interval notifier of a mirror
+ * @mni: the notifier
+ * @dmirror: mirror it keeps coherent
+ * @leaf: the leaf it covers, or NULL for a notifier over the whole space
  */
-struct dmirror_pt_leaf {
-	u64 pte[DMIRROR_LEAF_PTES];
+struct dmirror_notifier {
+	struct mmu_interval_notifier mni;
+	struct dmirror *dmirror;
+	struct dmirror_leaf *leaf;
+};
+
+/**
+ * struct dmirror_leaf - last level of the emulated device page table
+ * @notifier: the leaf's own notifier, in the per-leaf model
+ * @ref: references: the table's and those of faults using the leaf
+ * @rcu: frees the leaf after lockless lookups are done with it
+ * @reap_node: on &dmirror.reap_list
+ * @start: first address covered
+ * @nr_valid: PTEs with %DMIRROR_PTE_VALID; under pt_lock
+ * @queued: on the reap list; under pt_lock
+ * @dead: out of the table, its notifier being removed; under pt_lock
+ * @pte: one device PTE per page; under pt_lock
+ */
+struct dmirror_leaf {
+	struct dmirror_notifier notifier;
+	struct kref ref;
+	struct rcu_head rcu;
+	struct llist_node reap_node;
+	unsigned long start;
 	unsigned int nr_valid;
+	bool queued;
+	bool dead;
+	u64 pte[];
 };
 
 /**
  * struct dmirror - an address space mirrored by a device (one open file)
  * @mdevice: the device
- * @notifier: keeps the device PTEs coherent with the CPU page table
+ * @mm: the mirrored mm (mmgrab()ed)
+ * @leaf_lock: serialises leaf creation and removal; see "Locking"
  * @pt_lock: protects the device PTEs; see "Locking"
- * @leaves: &struct dmirror_pt_leaf indexed by address >> DMIRROR_LEAF_SHIFT
+ * @leaves: &struct dmirror_leaf by address >> @leaf_shift
+ * @bound: the settings below are fixed; under leaf_lock
+ * @model: notifier model (enum hmm_dmirror_notifier_model)
+ * @two_pass: invalidation mode
+ * @leaf_shift: log2 of the leaf size
+ * @whole: notifier over the whole address space, in the whole model
+ * @closing: release() started, leaves are no longer queued for reaping
+ * @reap_list: leaves an invalidation emptied
+ * @reap_work: removes them with their notifiers
  */
 struct dmirror {
 	struct dmirror_device *mdevice;
-	struct mmu_interval_notifier notifier;
-	struct mutex pt_lock;	/* device PTEs, notifier sequence */
+	struct mm_struct *mm;
+	struct mutex leaf_lock;		/* leaf and notifier creation/removal */
+	struct mutex pt_lock;		/* device PTEs, notifier sequence */
 	struct xarray leaves;
+
+	bool bound;
+	u32 model;
+	bool two_pass;
+	unsigned int leaf_shift;
+	struct dmirror_notifier whole;
+
+	bool closing;
+	struct llist_head reap_list;
+	struct work_struct reap_work;
 };
 
 /**
@@ -164,62 +351,194 @@ struct dmirror_range {
 	unsigned long end;
 };
 
-static unsigned long dmirror_pte_index(unsigned long addr)
+/* ------------------------------------------------------------------------
+ * The emulated TLB-invalidation engine
+ */
+
+static void dmirror_flush_complete(struct dmirror_flush *flush)
 {
-	return (addr & (DMIRROR_LEAF_SIZE - 1)) >> PAGE_SHIFT;
+	atomic_dec(&dmirror_flushes_in_flight);
+	complete(&flush->done);
 }
 
-static struct dmirror_pt_leaf *dmirror_leaf_lookup(struct dmirror *dmirror,
-						   unsigned long addr)
+static enum hrtimer_restart dmirror_flush_timer_fn(struct hrtimer *timer)
 {
-	return xa_load(&dmirror->leaves, addr >> DMIRROR_LEAF_SHIFT);
+	dmirror_flush_complete(container_of(timer, struct dmirror_flush,
+					    timer));
+	return HRTIMER_NORESTART;
+}
+
+static void dmirror_flush_init(struct dmirror_flush *flush,
+			       struct dmirror_device *mdevice)
+{
+	flush->mdevice = mdevice;
+	hrtimer_setup(&flush->timer, dmirror_flush_timer_fn, CLOCK_MONOTONIC,
+		      HRTIMER_MODE_REL);
+	init_completion(&flush->done);
+}
+
+static void dmirror_note_in_flight(void)
+{
+	int now = atomic_inc_return(&dmirror_flushes_in_flight);
+	int max = atomic_read(&dmirror_flushes_in_flight_max);
+
+	do {
+		if (now <= max)
+			return;
+	} while (!atomic_try_cmpxchg(&dmirror_flushes_in_flight_max, &max,
+				     now));
 }
 
 /**
- * dmirror_leaves_prepare() - make sure leaves exist for a range
- * @dmirror: mirror
- * @start: first address
- * @end: end address
+ * dmirror_flush_submit() - start a TLB flush on the device's engine
+ * @flush: the flush, idle
  *
- * Allocates the missing leaves, with GFP_KERNEL, so it must be called
- * without pt_lock. A concurrent caller may insert the same leaf first; the
- * loser frees its copy.
- *
- * Return: 0 or -ENOMEM.
+ * Does not sleep. The flush completes after the device's flush latency, at
+ * once when that is 0.
  */
-static int dmirror_leaves_prepare(struct dmirror *dmirror, unsigned long start,
-				  unsigned long end)
+static void dmirror_flush_submit(struct dmirror_flush *flush)
 {
-	unsigned long idx;
+	struct dmirror_device *mdevice = flush->mdevice;
+	u64 latency = READ_ONCE(mdevice->settings.flush_latency_ns);
 
-	for (idx = start >> DMIRROR_LEAF_SHIFT;
-	     idx <= (end - 1) >> DMIRROR_LEAF_SHIFT; idx++) {
-		struct dmirror_pt_leaf *leaf;
-		int ret;
-
-		if (xa_load(&dmirror->leaves, idx))
-			continue;
-		leaf = kzalloc_obj(*leaf);
-		if (!leaf)
-			return -ENOMEM;
-		ret = xa_insert(&dmirror->leaves, idx, leaf, GFP_KERNEL);
-		if (ret) {
-			kfree(leaf);
-			if (ret != -EBUSY)
-				return ret;
-		}
-	}
-	return 0;
+	atomic64_inc(&mdevice->stats.flushes);
+	dmirror_note_in_flight();
+	reinit_completion(&flush->done);
+	if (!latency)
+		dmirror_flush_complete(flush);
+	else
+		hrtimer_start(&flush->timer, ns_to_ktime(latency),
+			      HRTIMER_MODE_REL);
 }
 
-static void dmirror_leaves_free(struct dmirror *dmirror)
+/**
+ * dmirror_flush_wait() - wait for a submitted flush to complete
+ * @flush: the flush
+ *
+ * The timer callback may still be running after complete(): cancelling the
+ * timer waits for it, so that @flush can be reused or freed.
+ */
+static void dmirror_flush_wait(struct dmirror_flush *flush)
 {
-	struct dmirror_pt_leaf *leaf;
+	/* A flush without latency is done: do not even look like sleeping. */
+	if (!try_wait_for_completion(&flush->done))
+		wait_for_completion(&flush->done);
+	hrtimer_cancel(&flush->timer);
+}
+
+/**
+ * dmirror_flush_sync() - flush and wait, without a finish object
+ * @mdevice: device
+ *
+ * Sleeps unless the flush latency is 0.
+ */
+static void dmirror_flush_sync(struct dmirror_device *mdevice)
+{
+	struct dmirror_flush flush;
+
+	flush.mdevice = mdevice;
+	hrtimer_setup_on_stack(&flush.timer, dmirror_flush_timer_fn,
+			       CLOCK_MONOTONIC, HRTIMER_MODE_REL);
+	init_completion(&flush.done);
+	dmirror_flush_submit(&flush);
+	dmirror_flush_wait(&flush);
+	destroy_hrtimer_on_stack(&flush.timer);
+}
+
+/**
+ * dmirror_flush_get() - take a finish object from the device's pool
+ * @mdevice: device
+ *
+ * Does not sleep or allocate.
+ *
+ * Return: an idle flush, or NULL if none is free or the one-shot
+ * %HMM_DMIRROR_SETTING_FAIL_NEXT_FINISH is set.
+ */
+static struct dmirror_flush *dmirror_flush_get(struct dmirror_device *mdevice)
+{
+	struct dmirror_flush *flush = NULL;
 	unsigned long idx;
 
-	xa_for_each(&dmirror->leaves, idx, leaf)
-		kfree(leaf);
-	xa_destroy(&dmirror->leaves);
+	spin_lock(&mdevice->lock);
+	if (mdevice->fail_next_finish) {
+		mdevice->fail_next_finish = false;
+	} else {
+		idx = find_first_zero_bit(mdevice->flush_busy,
+					  DMIRROR_FLUSH_POOL);
+		if (idx < DMIRROR_FLUSH_POOL) {
+			__set_bit(idx, mdevice->flush_busy);
+			flush = &mdevice->flush_pool[idx];
+		}
+	}
+	spin_unlock(&mdevice->lock);
+	return flush;
+}
+
+static void dmirror_flush_put(struct dmirror_flush *flush)
+{
+	struct dmirror_device *mdevice = flush->mdevice;
+
+	spin_lock(&mdevice->lock);
+	__clear_bit(flush - mdevice->flush_pool, mdevice->flush_busy);
+	spin_unlock(&mdevice->lock);
+}
+
+/* ------------------------------------------------------------------------
+ * The device page table
+ */
+
+/*
+ * The leaf layout is fixed once, under leaf_lock, by dmirror_bind(); readers
+ * that do not hold leaf_lock look at it after this returns true.
+ */
+static bool dmirror_is_bound(struct dmirror *dmirror)
+{
+	/* Pairs with smp_store_release() in dmirror_bind(). */
+	return smp_load_acquire(&dmirror->bound);
+}
+
+static unsigned long dmirror_leaf_size(const struct dmirror *dmirror)
+{
+	return 1UL << dmirror->leaf_shift;
+}
+
+static unsigned long dmirror_leaf_index(const struct dmirror *dmirror,
+					unsigned long addr)
+{
+	return addr >> dmirror->leaf_shift;
+}
+
+static u64 *dmirror_leaf_pte(struct dmirror_leaf *leaf, unsigned long addr)
+{
+	return &leaf->pte[(addr - leaf->start) >> PAGE_SHIFT];
+}
+
+static u64 dmirror_pte_make(unsigned long pfn, u64 flags)
+{
+	return ((u64)pfn << DMIRROR_PTE_PFN_SHIFT) | DMIRROR_PTE_VALID | flags;
+}
+
+/**
+ * dmirror_pte_set() - write a device PTE
+ * @dmirror: mirror
+ * @leaf: leaf holding the PTE, in the table
+ * @addr: page address
+ * @pte: new PTE, 0 to clear
+ *
+ * Context: pt_lock held.
+ * Return: true if a valid PTE was replaced.
+ */
+static bool dmirror_pte_set(struct dmirror *dmirror, struct dmirror_leaf *leaf,
+			    unsigned long addr, u64 pte)
+{
+	u64 *slot = dmirror_leaf_pte(leaf, addr);
+	bool was_valid = *slot & DMIRROR_PTE_VALID;
+
+	lockdep_assert_held(&dmirror->pt_lock);
+	leaf->nr_valid -= was_valid;
+	leaf->nr_valid += !!(pte & DMIRROR_PTE_VALID);
+	*slot = pte;
+	return was_valid;
 }
 
 /**
@@ -232,123 +551,539 @@ static void dmirror_leaves_free(struct dmirror *dmirror)
  */
 static u64 dmirror_pte_get(struct dmirror *dmirror, unsigned long addr)
 {
-	struct dmirror_pt_leaf *leaf;
+	struct dmirror_leaf *leaf;
 
 	lockdep_assert_held(&dmirror->pt_lock);
-	leaf = dmirror_leaf_lookup(dmirror, addr);
-	return leaf ? leaf->pte[dmirror_pte_index(addr)] : 0;
-}
-
-static void dmirror_pte_set(struct dmirror_pt_leaf *leaf, unsigned long addr,
-			    u64 pte)
-{
-	u64 *slot = &leaf->pte[dmirror_pte_index(addr)];
-
-	leaf->nr_valid -= !!(*slot & DMIRROR_PTE_VALID);
-	leaf->nr_valid += !!(pte & DMIRROR_PTE_VALID);
-	*slot = pte;
+	if (!dmirror_is_bound(dmirror))
+		return 0;
+	leaf = xa_load(&dmirror->leaves, dmirror_leaf_index(dmirror, addr));
+	return leaf ? *dmirror_leaf_pte(leaf, addr) : 0;
 }
 
 /**
- * dmirror_pt_install() - map the result of hmm_range_fault() in the device
+ * dmirror_leaf_clear() - clear the PTEs of a leaf within a range
  * @dmirror: mirror
- * @range: a range hmm_range_fault() filled, not invalidated since
+ * @leaf: leaf
+ * @start: start of the range, may lie before the leaf
+ * @end: end of the range, may lie after the leaf
+ * @count_only: only count the valid PTEs
  *
- * The leaves must have been prepared with dmirror_leaves_prepare().
- *
- * Context: pt_lock held, after mmu_interval_read_retry() returned false.
+ * Context: pt_lock held.
+ * Return: the number of valid PTEs in the range, before clearing.
  */
-static void dmirror_pt_install(struct dmirror *dmirror,
-			       const struct hmm_range *range)
+static unsigned long dmirror_leaf_clear(struct dmirror *dmirror,
+					struct dmirror_leaf *leaf,
+					unsigned long start, unsigned long end,
+					bool count_only)
 {
-	unsigned long addr;
-	unsigned long i;
+	unsigned long addr = max(start, leaf->start);
+	unsigned long last = min(end, leaf->start + dmirror_leaf_size(dmirror));
+	unsigned long n = 0;
 
 	lockdep_assert_held(&dmirror->pt_lock);
-	for (addr = range->start, i = 0; addr < range->end;
-	     addr += PAGE_SIZE, i++) {
-		unsigned long hpfn = range->hmm_pfns[i];
-		struct dmirror_pt_leaf *leaf;
-		u64 pte;
-
-		if (WARN_ON_ONCE(!(hpfn & HMM_PFN_VALID)))
-			continue;
-		leaf = dmirror_leaf_lookup(dmirror, addr);
-		if (WARN_ON_ONCE(!leaf))
-			continue;
-		pte = ((u64)(hpfn & ~HMM_PFN_FLAGS) << DMIRROR_PTE_PFN_SHIFT) |
-		      DMIRROR_PTE_VALID;
-		if (hpfn & HMM_PFN_WRITE)
-			pte |= DMIRROR_PTE_WRITE;
-		dmirror_pte_set(leaf, addr, pte);
+	if (!leaf->nr_valid)
+		return 0;
+	for (; addr < last; addr += PAGE_SIZE) {
+		if (count_only)
+			n += !!(*dmirror_leaf_pte(leaf, addr) & DMIRROR_PTE_VALID);
+		else
+			n += dmirror_pte_set(dmirror, leaf, addr, 0);
 	}
+	return n;
 }
 
 /**
- * dmirror_pt_clear() - unmap a range from the device
+ * dmirror_pt_clear() - clear the PTEs of all leaves within a range
  * @dmirror: mirror
  * @start: first address
  * @end: end address
+ * @count_only: only count the valid PTEs
  *
  * Only leaves that exist are visited, so clearing the whole address space
  * (as exit_mmap() does) costs as much as the mirror is large.
  *
  * Context: pt_lock held.
+ * Return: the number of valid PTEs in the range, before clearing.
  */
-static void dmirror_pt_clear(struct dmirror *dmirror, unsigned long start,
-			     unsigned long end)
+static unsigned long dmirror_pt_clear(struct dmirror *dmirror,
+				      unsigned long start, unsigned long end,
+				      bool count_only)
 {
-	struct dmirror_pt_leaf *leaf;
-	unsigned long idx;
+	struct dmirror_leaf *leaf;
+	unsigned long idx, n = 0;
 
 	lockdep_assert_held(&dmirror->pt_lock);
+	if (!dmirror_is_bound(dmirror))
+		return 0;
 	xa_for_each_range(&dmirror->leaves, idx, leaf,
-			  start >> DMIRROR_LEAF_SHIFT,
-			  (end - 1) >> DMIRROR_LEAF_SHIFT) {
-		unsigned long leaf_start = idx << DMIRROR_LEAF_SHIFT;
-		unsigned long addr = max(start, leaf_start);
-		unsigned long last = min(end - 1,
-					 leaf_start + DMIRROR_LEAF_SIZE - 1);
+			  dmirror_leaf_index(dmirror, start),
+			  dmirror_leaf_index(dmirror, end - 1))
+		n += dmirror_leaf_clear(dmirror, leaf, start, end, count_only);
+	return n;
+}
 
-		if (!leaf->nr_valid)
-			continue;
-		for (; addr <= last; addr += PAGE_SIZE)
-			dmirror_pte_set(leaf, addr, 0);
-	}
+/* ------------------------------------------------------------------------
+ * Leaves and their notifiers
+ */
+
+static const struct mmu_interval_notifier_ops dmirror_single_pass_ops;
+static const struct mmu_interval_notifier_ops dmirror_two_pass_ops;
+
+static const struct mmu_interval_notifier_ops *
+dmirror_notifier_ops(const struct dmirror *dmirror)
+{
+	return dmirror->two_pass ? &dmirror_two_pass_ops :
+				   &dmirror_single_pass_ops;
 }
 
 /**
- * dmirror_invalidate() - the CPU page table changed under a mirrored range
- * @mni: the mirror's notifier
+ * dmirror_notifier_insert() - subscribe to invalidations of a range
+ * @dmirror: mirror
+ * @dn: notifier to insert
+ * @start: first address
+ * @length: bytes
+ *
+ * Context: leaf_lock held, mmap lock not held.
+ * Return: 0 or the error of mmu_interval_notifier_insert().
+ */
+static int dmirror_notifier_insert(struct dmirror *dmirror,
+				   struct dmirror_notifier *dn,
+				   unsigned long start, unsigned long length)
+{
+	struct dmirror_device_stats *stats = &dmirror->mdevice->stats;
+	int ret;
+
+	lockdep_assert_held(&dmirror->leaf_lock);
+	dn->dmirror = dmirror;
+	ret = mmu_interval_notifier_insert(&dn->mni, dmirror->mm, start, length,
+					   dmirror_notifier_ops(dmirror));
+	if (ret)
+		return ret;
+	atomic64_inc(&stats->notifier_inserts);
+	atomic64_inc(&stats->notifiers_live);
+	return 0;
+}
+
+static void dmirror_notifier_remove(struct dmirror *dmirror,
+				    struct dmirror_notifier *dn)
+{
+	struct dmirror_device_stats *stats = &dmirror->mdevice->stats;
+
+	mmu_interval_notifier_remove(&dn->mni);
+	atomic64_inc(&stats->notifier_removals);
+	atomic64_dec(&stats->notifiers_live);
+}
+
+/**
+ * dmirror_bind() - fix the mirror's page table layout and notifier model
+ * @dmirror: mirror
+ *
+ * Done at the first fault, so that settings made on a fresh file apply to
+ * it. In the whole model this inserts the one notifier.
+ *
+ * Context: leaf_lock held.
+ * Return: 0 or the error of mmu_interval_notifier_insert().
+ */
+static int dmirror_bind(struct dmirror *dmirror)
+{
+	struct dmirror_device *mdevice = dmirror->mdevice;
+	int ret = 0;
+
+	lockdep_assert_held(&dmirror->leaf_lock);
+	if (dmirror->bound)
+		return 0;
+
+	spin_lock(&mdevice->lock);
+	dmirror->model = mdevice->settings.notifier_model;
+	dmirror->two_pass = mdevice->settings.invalidation ==
+			    HMM_DMIRROR_TWO_PASS;
+	dmirror->leaf_shift = ilog2(mdevice->settings.leaf_size);
+	spin_unlock(&mdevice->lock);
+
+	if (dmirror->model == HMM_DMIRROR_NOTIFIER_WHOLE)
+		ret = dmirror_notifier_insert(dmirror, &dmirror->whole, 0,
+					      ULONG_MAX & PAGE_MASK);
+	if (!ret) {
+		/* Paired with lockless readers of the leaf layout. */
+		smp_store_release(&dmirror->bound, true);
+	}
+	return ret;
+}
+
+static void dmirror_leaf_free_rcu(struct kref *ref)
+{
+	struct dmirror_leaf *leaf = container_of(ref, struct dmirror_leaf, ref);
+
+	kvfree_rcu(leaf, rcu);
+}
+
+static void dmirror_leaf_put(struct dmirror_leaf *leaf)
+{
+	kref_put(&leaf->ref, dmirror_leaf_free_rcu);
+}
+
+/**
+ * dmirror_leaf_create() - add the leaf covering an address
+ * @dmirror: mirror
+ * @addr: address
+ *
+ * In the per-leaf model the leaf's notifier is inserted before the leaf is
+ * published, so that a published leaf is always covered.
+ *
+ * Context: leaf_lock held, the mirror bound.
+ * Return: the leaf with a reference for the caller, or an ERR_PTR().
+ */
+static struct dmirror_leaf *dmirror_leaf_create(struct dmirror *dmirror,
+						unsigned long addr)
+{
+	unsigned long size = dmirror_leaf_size(dmirror);
+	struct dmirror_leaf *leaf;
+	int ret;
+
+	lockdep_assert_held(&dmirror->leaf_lock);
+	leaf = kvzalloc(struct_size(leaf, pte, size >> PAGE_SHIFT),
+			GFP_KERNEL);
+	if (!leaf)
+		return ERR_PTR(-ENOMEM);
+	kref_init(&leaf->ref);
+	leaf->start = ALIGN_DOWN(addr, size);
+	leaf->notifier.leaf = leaf;
+
+	if (dmirror->model == HMM_DMIRROR_NOTIFIER_PER_LEAF) {
+		ret = dmirror_notifier_insert(dmirror, &leaf->notifier,
+					      leaf->start, size);
+		if (ret)
+			goto free;
+	}
+	ret = xa_insert(&dmirror->leaves, dmirror_leaf_index(dmirror, addr),
+			leaf, GFP_KERNEL);
+	if (ret)
+		goto remove;
+	kref_get(&leaf->ref);
+	return leaf;
+
+remove:
+	if (dmirror->model == HMM_DMIRROR_NOTIFIER_PER_LEAF)
+		dmirror_notifier_remove(dmirror, &leaf->notifier);
+free:
+	kvfree(leaf);
+	return ERR_PTR(ret);
+}
+
+/**
+ * dmirror_leaf_get() - find or create the leaf covering an address
+ * @dmirror: mirror
+ * @addr: address
+ *
+ * The common case, an existing leaf, takes no lock but RCU.
+ *
+ * Return: the leaf with a reference, to drop with dmirror_leaf_put(), or an
+ * ERR_PTR().
+ */
+static struct dmirror_leaf *dmirror_leaf_get(struct dmirror *dmirror,
+					     unsigned long addr)
+{
+	struct dmirror_leaf *leaf = NULL;
+	int ret;
+
+	if (dmirror_is_bound(dmirror)) {
+		rcu_read_lock();
+		leaf = xa_load(&dmirror->leaves,
+			       dmirror_leaf_index(dmirror, addr));
+		if (leaf && !kref_get_unless_zero(&leaf->ref))
+			leaf = NULL;
+		rcu_read_unlock();
+		if (leaf)
+			return leaf;
+	}
+
+	mutex_lock(&dmirror->leaf_lock);
+	ret = dmirror_bind(dmirror);
+	if (ret) {
+		leaf = ERR_PTR(ret);
+	} else {
+		leaf = xa_load(&dmirror->leaves,
+			       dmirror_leaf_index(dmirror, addr));
+		if (leaf)
+			kref_get(&leaf->ref);
+		else
+			leaf = dmirror_leaf_create(dmirror, addr);
+	}
+	mutex_unlock(&dmirror->leaf_lock);
+	return leaf;
+}
+
+static struct mmu_interval_notifier *
+dmirror_leaf_notifier(struct dmirror *dmirror, struct dmirror_leaf *leaf)
+{
+	if (dmirror->model == HMM_DMIRROR_NOTIFIER_PER_LEAF)
+		return &leaf->notifier.mni;
+	return &dmirror->whole.mni;
+}
+
+/**
+ * dmirror_leaf_queue_reap() - have an empty leaf removed
+ * @dmirror: mirror
+ * @leaf: leaf an invalidation just emptied
+ *
+ * Called from invalidation callbacks, which cannot remove notifiers: the
+ * leaf goes on a list for dmirror_reap_work(). Does not sleep.
+ *
+ * Context: pt_lock held.
+ */
+static void dmirror_leaf_queue_reap(struct dmirror *dmirror,
+				    struct dmirror_leaf *leaf)
+{
+	lockdep_assert_held(&dmirror->pt_lock);
+	if (leaf->nr_valid || leaf->queued || leaf->dead || dmirror->closing)
+		return;
+	leaf->queued = true;
+	llist_add(&leaf->reap_node, &dmirror->reap_list);
+	queue_work(system_wq, &dmirror->reap_work);
+}
+
+/**
+ * dmirror_leaf_unpublish() - take a leaf out of the table
+ * @dmirror: mirror
+ * @leaf: leaf
+ *
+ * Faults holding a reference notice @leaf->dead under pt_lock and retry.
+ *
+ * Context: leaf_lock and pt_lock held.
+ */
+static void dmirror_leaf_unpublish(struct dmirror *dmirror,
+				   struct dmirror_leaf *leaf)
+{
+	lockdep_assert_held(&dmirror->leaf_lock);
+	lockdep_assert_held(&dmirror->pt_lock);
+	leaf->dead = true;
+	xa_erase(&dmirror->leaves, dmirror_leaf_index(dmirror, leaf->start));
+}
+
+/**
+ * dmirror_reap_work() - remove leaves that invalidations emptied
+ * @work: &dmirror.reap_work
+ *
+ * A leaf refaulted since it was queued is kept. release() flushes this work
+ * before tearing the mirror down, so it never outlives the file.
+ */
+static void dmirror_reap_work(struct work_struct *work)
+{
+	struct dmirror *dmirror = container_of(work, struct dmirror, reap_work);
+	struct dmirror_leaf *leaf, *next;
+	struct llist_node *list;
+
+	list = llist_del_all(&dmirror->reap_list);
+	llist_for_each_entry_safe(leaf, next, list, reap_node) {
+		bool reap;
+
+		mutex_lock(&dmirror->leaf_lock);
+		mutex_lock(&dmirror->pt_lock);
+		leaf->queued = false;
+		reap = !leaf->nr_valid && !leaf->dead;
+		if (reap)
+			dmirror_leaf_unpublish(dmirror, leaf);
+		mutex_unlock(&dmirror->pt_lock);
+		mutex_unlock(&dmirror->leaf_lock);
+
+		if (reap) {
+			/* Waits for callbacks running on this notifier. */
+			dmirror_notifier_remove(dmirror, &leaf->notifier);
+			dmirror_leaf_put(leaf);
+		}
+	}
+}
+
+/* ------------------------------------------------------------------------
+ * Invalidation
+ */
+
+static struct dmirror_notifier *
+to_dmirror_notifier(struct mmu_interval_notifier *mni)
+{
+	return container_of(mni, struct dmirror_notifier, mni);
+}
+
+/**
+ * dmirror_event_is_own() - is this invalidation the device's own doing?
+ * @dmirror: mirror
+ * @range: the invalidation
+ *
+ * make_device_exclusive() on behalf of this device replaces the CPU PTE with
+ * a device-exclusive entry for a page the device is about to map for atomic
+ * access: the device keeps access, so there is nothing to clear. Advancing
+ * the notifier sequence would also make the loop that caused it see a
+ * collision and retry, causing the same invalidation again, forever. Another
+ * device's exclusive access is honoured like any other invalidation.
+ *
+ * Return: true if the device must ignore @range.
+ */
+static bool dmirror_event_is_own(struct dmirror *dmirror,
+				 const struct mmu_notifier_range *range)
+{
+	return range->event == MMU_NOTIFY_EXCLUSIVE &&
+	       range->owner == dmirror->mdevice;
+}
+
+/**
+ * dmirror_invalidate_begin() - the part of an invalidation done under pt_lock
+ * @dn: notifier called
  * @range: what changes, and why
- * @cur_seq: the sequence to publish
+ * @cur_seq: sequence to publish
+ * @cleared: output, the number of PTEs cleared
  *
- * Clears the device PTEs of the range. After this returns the device no
- * longer reaches the old pages, so the core may free or move them.
+ * Clears the device PTEs of the range and, in the per-leaf model, queues an
+ * emptied leaf for removal. A range that may not block is refused when
+ * pt_lock is contended or when valid PTEs would need a flush that takes
+ * time: waiting for it would mean sleeping.
  *
- * Return: false if the range is not blockable and pt_lock is contended.
+ * Return: false if refused.
+ */
+static bool dmirror_invalidate_begin(struct dmirror_notifier *dn,
+				     const struct mmu_notifier_range *range,
+				     unsigned long cur_seq,
+				     unsigned long *cleared)
+{
+	struct dmirror *dmirror = dn->dmirror;
+	struct dmirror_device *mdevice = dmirror->mdevice;
+	bool blockable = mmu_notifier_range_blockable(range);
+	unsigned long start = range->start, end = range->end;
+
+	if (blockable) {
+		mutex_lock(&dmirror->pt_lock);
+	} else if (!mutex_trylock(&dmirror->pt_lock)) {
+		atomic64_inc(&mdevice->stats.nonblock_refused);
+		return false;
+	}
+
+	if (!blockable && READ_ONCE(mdevice->settings.flush_latency_ns) &&
+	    (dn->leaf ? dmirror_leaf_clear(dmirror, dn->leaf, start, end, true) :
+			dmirror_pt_clear(dmirror, start, end, true))) {
+		mutex_unlock(&dmirror->pt_lock);
+		atomic64_inc(&mdevice->stats.nonblock_refused);
+		return false;
+	}
+
+	mmu_interval_set_seq(&dn->mni, cur_seq);
+	if (dn->leaf) {
+		*cleared = dmirror_leaf_clear(dmirror, dn->leaf, start, end,
+					      false);
+		dmirror_leaf_queue_reap(dmirror, dn->leaf);
+	} else {
+		*cleared = dmirror_pt_clear(dmirror, start, end, false);
+	}
+	mutex_unlock(&dmirror->pt_lock);
+
+	if (range->event < HMM_DMIRROR_NR_EVENTS)
+		atomic64_inc(&mdevice->stats.invalidations[range->event]);
+	return true;
+}
+
+/**
+ * dmirror_invalidate() - single-pass invalidation
+ * @mni: notifier called
+ * @range: what changes, and why
+ * @cur_seq: sequence to publish
+ *
+ * Clears the device PTEs, flushes the device TLB and waits for the flush.
+ * After this returns the device no longer reaches the old pages.
+ *
+ * Return: false if the range may not block and the work would sleep.
  */
 static bool dmirror_invalidate(struct mmu_interval_notifier *mni,
 			       const struct mmu_notifier_range *range,
 			       unsigned long cur_seq)
 {
-	struct dmirror *dmirror = container_of(mni, struct dmirror, notifier);
+	struct dmirror_notifier *dn = to_dmirror_notifier(mni);
+	unsigned long cleared;
 
-	if (mmu_notifier_range_blockable(range))
-		mutex_lock(&dmirror->pt_lock);
-	else if (!mutex_trylock(&dmirror->pt_lock))
+	if (dmirror_event_is_own(dn->dmirror, range))
+		return true;
+	if (!dmirror_invalidate_begin(dn, range, cur_seq, &cleared))
 		return false;
-
-	mmu_interval_set_seq(mni, cur_seq);
-	dmirror_pt_clear(dmirror, range->start, range->end);
-
-	mutex_unlock(&dmirror->pt_lock);
+	if (cleared)
+		dmirror_flush_sync(dn->dmirror->mdevice);
 	return true;
 }
 
-static const struct mmu_interval_notifier_ops dmirror_notifier_ops = {
+/**
+ * dmirror_invalidate_start() - first pass of a two-pass invalidation
+ * @mni: notifier called
+ * @range: what changes, and why
+ * @cur_seq: sequence to publish
+ * @finish: output, the finish object when a second pass is needed
+ *
+ * Clears the device PTEs and submits the TLB flush without waiting for it,
+ * so that the core can start the flushes of every device before waiting for
+ * any. Without a free finish object, waits here instead (counted as a
+ * synchronous fallback). A range that may not block never gets a finish
+ * object: dmirror_invalidate_begin() lets one through only when its flush
+ * completes at once, and the finish pass of such a range may not sleep.
+ *
+ * Return: false if the range may not block and the work would sleep.
+ */
+static bool
+dmirror_invalidate_start(struct mmu_interval_notifier *mni,
+			 const struct mmu_notifier_range *range,
+			 unsigned long cur_seq,
+			 struct mmu_interval_notifier_finish **finish)
+{
+	struct dmirror_notifier *dn = to_dmirror_notifier(mni);
+	struct dmirror_device *mdevice = dn->dmirror->mdevice;
+	struct dmirror_flush *flush;
+	unsigned long cleared;
+
+	if (dmirror_event_is_own(dn->dmirror, range))
+		return true;
+	if (!dmirror_invalidate_begin(dn, range, cur_seq, &cleared))
+		return false;
+	if (!cleared)
+		return true;
+	if (!mmu_notifier_range_blockable(range)) {
+		/* Only let through when the flush completes at once. */
+		dmirror_flush_sync(mdevice);
+		return true;
+	}
+
+	flush = dmirror_flush_get(mdevice);
+	if (!flush) {
+		atomic64_inc(&mdevice->stats.sync_fallbacks);
+		dmirror_flush_sync(mdevice);
+		return true;
+	}
+	dmirror_flush_submit(flush);
+	atomic64_inc(&mdevice->stats.two_pass_starts);
+	*finish = &flush->finish;
+	return true;
+}
+
+/**
+ * dmirror_invalidate_finish() - second pass: wait for the flush
+ * @finish: what dmirror_invalidate_start() returned
+ */
+static void
+dmirror_invalidate_finish(struct mmu_interval_notifier_finish *finish)
+{
+	struct dmirror_flush *flush =
+		container_of(finish, struct dmirror_flush, finish);
+
+	dmirror_flush_wait(flush);
+	atomic64_inc(&flush->mdevice->stats.two_pass_finishes);
+	dmirror_flush_put(flush);
+}
+
+static const struct mmu_interval_notifier_ops dmirror_single_pass_ops = {
 	.invalidate = dmirror_invalidate,
 };
+
+static const struct mmu_interval_notifier_ops dmirror_two_pass_ops = {
+	.invalidate_start = dmirror_invalidate_start,
+	.invalidate_finish = dmirror_invalidate_finish,
+};
+
+/* ------------------------------------------------------------------------
+ * Device faults
+ */
 
 /**
  * dmirror_range_fault_locked() - one hmm_range_fault() pass under mmap lock
@@ -371,47 +1106,90 @@ static int dmirror_range_fault_locked(struct hmm_range *range)
 }
 
 /**
+ * dmirror_pt_install() - map the result of hmm_range_fault() in the device
+ * @dmirror: mirror
+ * @leaf: leaf holding the whole range, in the table
+ * @range: a range hmm_range_fault() filled, not invalidated since
+ *
+ * Context: pt_lock held, after mmu_interval_read_retry() returned false.
+ */
+static void dmirror_pt_install(struct dmirror *dmirror,
+			       struct dmirror_leaf *leaf,
+			       const struct hmm_range *range)
+{
+	unsigned long addr;
+	unsigned long i;
+
+	lockdep_assert_held(&dmirror->pt_lock);
+	for (addr = range->start, i = 0; addr < range->end;
+	     addr += PAGE_SIZE, i++) {
+		unsigned long hpfn = range->hmm_pfns[i];
+
+		if (WARN_ON_ONCE(!(hpfn & HMM_PFN_VALID)))
+			continue;
+		dmirror_pte_set(dmirror, leaf, addr,
+				dmirror_pte_make(hpfn & ~HMM_PFN_FLAGS,
+						 (hpfn & HMM_PFN_WRITE) ?
+						 DMIRROR_PTE_WRITE : 0));
+	}
+}
+
+/**
  * dmirror_fault_batch() - fault one batch of pages into the device
  * @dmirror: mirror
- * @range: the batch; start, end, flags and pfn array set by the caller
+ * @range: the batch; start, end, flags and pfn array set by the caller, end
+ *	cut to the end of the leaf holding start
  * @unlocked: let the CPU fault handler drop the mmap lock (userfaultfd)
  *
  * The collision-retry loop of the HMM documentation: read the CPU page
  * table, then take pt_lock and install the result only if no invalidation
- * ran since mmu_interval_read_begin(). Gives up with -EBUSY if invalidations
- * keep colliding for %DMIRROR_FAULT_TIMEOUT_MS.
+ * ran since mmu_interval_read_begin() and the leaf is still in the table.
+ * Gives up with -EBUSY if invalidations keep colliding for
+ * %DMIRROR_FAULT_TIMEOUT_MS.
  *
- * Return: 0, or the error of hmm_range_fault().
+ * Return: 0, or the error of hmm_range_fault() or of leaf creation.
  */
 static int dmirror_fault_batch(struct dmirror *dmirror,
 			       struct hmm_range *range, bool unlocked)
 {
 	unsigned long timeout = msecs_to_jiffies(DMIRROR_FAULT_TIMEOUT_MS);
 	unsigned long deadline = jiffies + timeout;
+	struct dmirror_leaf *leaf;
 	int ret;
 
 	for (;;) {
+		leaf = dmirror_leaf_get(dmirror, range->start);
+		if (IS_ERR(leaf))
+			return PTR_ERR(leaf);
+		range->end = min(range->end,
+				 leaf->start + dmirror_leaf_size(dmirror));
+		range->notifier = dmirror_leaf_notifier(dmirror, leaf);
+
 		if (unlocked)
 			ret = hmm_range_fault_unlocked_timeout(range, timeout);
 		else
 			ret = dmirror_range_fault_locked(range);
 		if (ret && ret != -EBUSY)
-			return ret;
+			break;
 		if (!ret) {
 			mutex_lock(&dmirror->pt_lock);
-			if (!mmu_interval_read_retry(range->notifier,
-						     range->notifier_seq))
+			if (!leaf->dead &&
+			    !mmu_interval_read_retry(range->notifier,
+						     range->notifier_seq)) {
+				dmirror_pt_install(dmirror, leaf, range);
+				mutex_unlock(&dmirror->pt_lock);
 				break;
+			}
 			mutex_unlock(&dmirror->pt_lock);
 		}
+		dmirror_leaf_put(leaf);
 		if (time_after(jiffies, deadline))
 			return -EBUSY;
 		if (fatal_signal_pending(current))
 			return -EINTR;
 	}
-	dmirror_pt_install(dmirror, range);
-	mutex_unlock(&dmirror->pt_lock);
-	return 0;
+	dmirror_leaf_put(leaf);
+	return ret;
 }
 
 /**
@@ -422,7 +1200,7 @@ static int dmirror_fault_batch(struct dmirror *dmirror,
  * @write: the device needs write access
  * @unlocked: see dmirror_fault_batch()
  *
- * Context: process context, mm of @dmirror held with mmget().
+ * Context: process context, the mirrored mm held with mmget().
  * Return: 0, -EFAULT (no access possible), -EPERM (write to a read-only
  * mapping), -ENOMEM, -EBUSY or -EINTR.
  */
@@ -431,7 +1209,6 @@ static int dmirror_fault(struct dmirror *dmirror, unsigned long start,
 {
 	unsigned long pfns[DMIRROR_BATCH_PAGES];
 	struct hmm_range range = {
-		.notifier = &dmirror->notifier,
 		.hmm_pfns = pfns,
 		.default_flags = HMM_PFN_REQ_FAULT |
 				 (write ? HMM_PFN_REQ_WRITE : 0),
@@ -440,18 +1217,21 @@ static int dmirror_fault(struct dmirror *dmirror, unsigned long start,
 	unsigned long addr;
 	int ret;
 
+	atomic64_inc(&dmirror->mdevice->stats.faults);
 	for (addr = start; addr < end; addr = range.end) {
 		range.start = addr;
 		range.end = min(end, addr + DMIRROR_BATCH_PAGES * PAGE_SIZE);
-		ret = dmirror_leaves_prepare(dmirror, range.start, range.end);
-		if (ret)
-			return ret;
+		/* This may end the batch early, at the end of a leaf. */
 		ret = dmirror_fault_batch(dmirror, &range, unlocked);
 		if (ret)
 			return ret;
 	}
 	return 0;
 }
+
+/* ------------------------------------------------------------------------
+ * Device access: READ, WRITE, READ_UNLOCKED
+ */
 
 /**
  * dmirror_copy_mapped() - device access through the device page table
@@ -582,6 +1362,175 @@ static int dmirror_access(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
 	kvfree(bounce);
 	return ret;
 }
+
+/* ------------------------------------------------------------------------
+ * Exclusive (atomic) access
+ */
+
+/**
+ * dmirror_exclusive_give_back() - return an unused exclusive page to the CPU
+ * @mm: mirrored mm
+ * @addr: page address
+ *
+ * When an invalidation collided with dmirror_exclusive_page(), the page is
+ * left with a device-exclusive CPU entry the device never mapped. The next
+ * make_device_exclusive() would fault it back first, an MMU_NOTIFY_CLEAR
+ * inside the new read window: a collision again, and so forever. Faulting it
+ * back here, before the window opens, breaks that cycle.
+ *
+ * Return: 0 or the error of the fault.
+ */
+static int dmirror_exclusive_give_back(struct mm_struct *mm,
+				       unsigned long addr)
+{
+	int ret;
+
+	ret = mmap_read_lock_killable(mm);
+	if (ret)
+		return ret;
+	ret = fixup_user_fault(mm, addr, FAULT_FLAG_WRITE, NULL);
+	mmap_read_unlock(mm);
+	return ret;
+}
+
+/**
+ * dmirror_exclusive_try() - one attempt at making a page exclusive
+ * @dmirror: mirror
+ * @leaf: leaf covering @addr, referenced
+ * @addr: page address
+ * @installed: output, true if the atomic PTE was installed
+ *
+ * make_device_exclusive() returns the page locked, so the CPU cannot take it
+ * back before the device PTE is written. The collision check still applies:
+ * the page may have been unmapped between the GUP inside
+ * make_device_exclusive() and pt_lock.
+ *
+ * Return: 0 or the error of make_device_exclusive().
+ */
+static int dmirror_exclusive_try(struct dmirror *dmirror,
+				 struct dmirror_leaf *leaf, unsigned long addr,
+				 bool *installed)
+{
+	struct mmu_interval_notifier *mni = dmirror_leaf_notifier(dmirror, leaf);
+	struct mm_struct *mm = dmirror->mm;
+	struct folio *folio;
+	struct page *page;
+	unsigned long seq;
+	int ret;
+
+	seq = mmu_interval_read_begin(mni);
+	ret = mmap_read_lock_killable(mm);
+	if (ret)
+		return ret;
+	page = make_device_exclusive(mm, addr, dmirror->mdevice, &folio);
+	if (IS_ERR(page)) {
+		mmap_read_unlock(mm);
+		return PTR_ERR(page);
+	}
+
+	mutex_lock(&dmirror->pt_lock);
+	*installed = !leaf->dead && !mmu_interval_read_retry(mni, seq);
+	if (*installed)
+		dmirror_pte_set(dmirror, leaf, addr,
+				dmirror_pte_make(page_to_pfn(page),
+						 DMIRROR_PTE_WRITE |
+						 DMIRROR_PTE_ATOMIC));
+	mutex_unlock(&dmirror->pt_lock);
+
+	folio_unlock(folio);
+	folio_put(folio);
+	mmap_read_unlock(mm);
+	return 0;
+}
+
+/**
+ * dmirror_exclusive_page() - take one page for atomic device access
+ * @dmirror: mirror
+ * @addr: page address
+ *
+ * Return: 0; -EOPNOTSUPP for file-backed or hugetlb memory; -EFAULT when the
+ * page cannot be faulted in writable; -EBUSY if invalidations kept
+ * colliding; -EINTR, -ENOMEM.
+ */
+static int dmirror_exclusive_page(struct dmirror *dmirror, unsigned long addr)
+{
+	unsigned long deadline = jiffies +
+				 msecs_to_jiffies(DMIRROR_FAULT_TIMEOUT_MS);
+	struct dmirror_leaf *leaf;
+	bool installed = false;
+	int ret;
+
+	for (;;) {
+		leaf = dmirror_leaf_get(dmirror, addr);
+		if (IS_ERR(leaf))
+			return PTR_ERR(leaf);
+		ret = dmirror_exclusive_try(dmirror, leaf, addr, &installed);
+		dmirror_leaf_put(leaf);
+		if (ret || installed)
+			return ret;
+
+		if (time_after(jiffies, deadline))
+			return -EBUSY;
+		if (fatal_signal_pending(current))
+			return -EINTR;
+		ret = dmirror_exclusive_give_back(dmirror->mm, addr);
+		if (ret)
+			return ret;
+	}
+}
+
+/**
+ * dmirror_exclusive() - HMM_DMIRROR_EXCLUSIVE
+ * @dmirror: mirror
+ * @cmd: the request; the data of the range is copied to @cmd->ptr
+ * @range: the range of @cmd
+ *
+ * Return: 0 or an error of dmirror_exclusive_page() or dmirror_access().
+ */
+static int dmirror_exclusive(struct dmirror *dmirror,
+			     struct hmm_dmirror_cmd *cmd,
+			     const struct dmirror_range *range)
+{
+	unsigned long addr;
+	int ret;
+
+	for (addr = range->start; addr < range->end; addr += PAGE_SIZE) {
+		ret = dmirror_exclusive_page(dmirror, addr);
+		if (ret)
+			return ret;
+	}
+	/* Read the data back through the atomic mappings. */
+	return dmirror_access(dmirror, cmd, range, false, false);
+}
+
+/**
+ * dmirror_check_exclusive() - HMM_DMIRROR_CHECK_EXCLUSIVE
+ * @dmirror: mirror
+ * @range: range to check
+ *
+ * Return: -EPERM if a page of the range is still mapped for atomic access,
+ * that is if the CPU has not taken it back since, else 0.
+ */
+static int dmirror_check_exclusive(struct dmirror *dmirror,
+				   const struct dmirror_range *range)
+{
+	unsigned long addr;
+	int ret = 0;
+
+	mutex_lock(&dmirror->pt_lock);
+	for (addr = range->start; addr < range->end; addr += PAGE_SIZE) {
+		if (dmirror_pte_get(dmirror, addr) & DMIRROR_PTE_ATOMIC) {
+			ret = -EPERM;
+			break;
+		}
+	}
+	mutex_unlock(&dmirror->pt_lock);
+	return ret;
+}
+
+/* ------------------------------------------------------------------------
+ * SNAPSHOT
+ */
 
 /**
  * struct dmirror_snapshot - a temporary notifier over a snapshot range
@@ -731,7 +1680,7 @@ static int dmirror_snapshot(struct dmirror *dmirror,
 	unsigned long addr;
 	int ret;
 
-	ret = mmu_interval_notifier_insert(&snap.notifier, dmirror->notifier.mm,
+	ret = mmu_interval_notifier_insert(&snap.notifier, dmirror->mm,
 					   range->start,
 					   range->end - range->start,
 					   &dmirror_snapshot_ops);
@@ -758,6 +1707,95 @@ static int dmirror_snapshot(struct dmirror *dmirror,
 	mmu_interval_notifier_remove(&snap.notifier);
 	return ret;
 }
+
+/* ------------------------------------------------------------------------
+ * Statistics and settings
+ */
+
+static void dmirror_stats_read(struct dmirror *dmirror,
+			       struct hmm_dmirror_stats *out)
+{
+	struct dmirror_device_stats *stats = &dmirror->mdevice->stats;
+	unsigned int i;
+
+	/* Deferred removals of this file count as done. */
+	flush_work(&dmirror->reap_work);
+
+	memset(out, 0, sizeof(*out));
+	out->faults = atomic64_read(&stats->faults);
+	for (i = 0; i < HMM_DMIRROR_NR_EVENTS; i++)
+		out->invalidations[i] = atomic64_read(&stats->invalidations[i]);
+	out->flushes = atomic64_read(&stats->flushes);
+	out->two_pass_starts = atomic64_read(&stats->two_pass_starts);
+	out->two_pass_finishes = atomic64_read(&stats->two_pass_finishes);
+	out->sync_fallbacks = atomic64_read(&stats->sync_fallbacks);
+	out->nonblock_refused = atomic64_read(&stats->nonblock_refused);
+	out->flushes_in_flight_max =
+		atomic_read(&dmirror_flushes_in_flight_max);
+	out->notifiers_live = atomic64_read(&stats->notifiers_live);
+	out->notifier_inserts = atomic64_read(&stats->notifier_inserts);
+	out->notifier_removals = atomic64_read(&stats->notifier_removals);
+}
+
+static void dmirror_stats_reset(struct dmirror_device *mdevice)
+{
+	struct dmirror_device_stats *stats = &mdevice->stats;
+	unsigned int i;
+
+	atomic64_set(&stats->faults, 0);
+	for (i = 0; i < HMM_DMIRROR_NR_EVENTS; i++)
+		atomic64_set(&stats->invalidations[i], 0);
+	atomic64_set(&stats->flushes, 0);
+	atomic64_set(&stats->two_pass_starts, 0);
+	atomic64_set(&stats->two_pass_finishes, 0);
+	atomic64_set(&stats->sync_fallbacks, 0);
+	atomic64_set(&stats->nonblock_refused, 0);
+	atomic64_set(&stats->notifier_inserts, 0);
+	atomic64_set(&stats->notifier_removals, 0);
+	atomic_set(&dmirror_flushes_in_flight_max,
+		   atomic_read(&dmirror_flushes_in_flight));
+}
+
+static int dmirror_settings_check(const struct hmm_dmirror_settings *set)
+{
+	if (set->notifier_model > HMM_DMIRROR_NOTIFIER_PER_LEAF ||
+	    set->invalidation > HMM_DMIRROR_TWO_PASS ||
+	    set->flush_latency_ns > DMIRROR_MAX_FLUSH_LATENCY_NS ||
+	    !is_power_of_2(set->leaf_size) || set->leaf_size < PAGE_SIZE ||
+	    set->leaf_size > DMIRROR_MAX_LEAF_SIZE ||
+	    (set->flags & ~HMM_DMIRROR_SETTING_FAIL_NEXT_FINISH) ||
+	    set->reserved)
+		return -EINVAL;
+	return 0;
+}
+
+static int dmirror_settings_set(struct dmirror_device *mdevice,
+				const struct hmm_dmirror_settings *set)
+{
+	int ret = dmirror_settings_check(set);
+
+	if (ret)
+		return ret;
+	spin_lock(&mdevice->lock);
+	mdevice->settings = *set;
+	mdevice->settings.flags = 0;
+	if (set->flags & HMM_DMIRROR_SETTING_FAIL_NEXT_FINISH)
+		mdevice->fail_next_finish = true;
+	spin_unlock(&mdevice->lock);
+	return 0;
+}
+
+static void dmirror_settings_get(struct dmirror_device *mdevice,
+				 struct hmm_dmirror_settings *set)
+{
+	spin_lock(&mdevice->lock);
+	*set = mdevice->settings;
+	spin_unlock(&mdevice->lock);
+}
+
+/* ------------------------------------------------------------------------
+ * ioctl
+ */
 
 /**
  * dmirror_cmd_range() - validate the range of a command
@@ -792,7 +1830,7 @@ static int dmirror_cmd_range(const struct hmm_dmirror_cmd *cmd,
 static long dmirror_ioctl_mm(struct dmirror *dmirror, unsigned int command,
 			     struct hmm_dmirror_cmd *cmd)
 {
-	struct mm_struct *mm = dmirror->notifier.mm;
+	struct mm_struct *mm = dmirror->mm;
 	struct dmirror_range range;
 	long ret;
 
@@ -815,6 +1853,12 @@ static long dmirror_ioctl_mm(struct dmirror *dmirror, unsigned int command,
 	case HMM_DMIRROR_SNAPSHOT:
 		ret = dmirror_snapshot(dmirror, cmd, &range);
 		break;
+	case HMM_DMIRROR_EXCLUSIVE:
+		ret = dmirror_exclusive(dmirror, cmd, &range);
+		break;
+	case HMM_DMIRROR_CHECK_EXCLUSIVE:
+		ret = dmirror_check_exclusive(dmirror, &range);
+		break;
 	default:
 		ret = -ENOTTY;
 		break;
@@ -823,23 +1867,11 @@ static long dmirror_ioctl_mm(struct dmirror *dmirror, unsigned int command,
 	return ret;
 }
 
-static long dmirror_fops_unlocked_ioctl(struct file *filp, unsigned int command,
-					unsigned long arg)
+static long dmirror_ioctl_cmd(struct dmirror *dmirror, unsigned int command,
+			      struct hmm_dmirror_cmd __user *ucmd)
 {
-	struct hmm_dmirror_cmd __user *ucmd = (void __user *)arg;
-	struct dmirror *dmirror = filp->private_data;
 	struct hmm_dmirror_cmd cmd;
 	long ret;
-
-	switch (command) {
-	case HMM_DMIRROR_READ:
-	case HMM_DMIRROR_WRITE:
-	case HMM_DMIRROR_READ_UNLOCKED:
-	case HMM_DMIRROR_SNAPSHOT:
-		break;
-	default:
-		return -ENOTTY;
-	}
 
 	if (copy_from_user(&cmd, ucmd, sizeof(cmd)))
 		return -EFAULT;
@@ -854,26 +1886,75 @@ static long dmirror_fops_unlocked_ioctl(struct file *filp, unsigned int command,
 	return 0;
 }
 
+static long dmirror_fops_unlocked_ioctl(struct file *filp, unsigned int command,
+					unsigned long arg)
+{
+	struct dmirror *dmirror = filp->private_data;
+	struct dmirror_device *mdevice = dmirror->mdevice;
+	void __user *uarg = (void __user *)arg;
+	struct hmm_dmirror_settings set;
+	struct hmm_dmirror_stats stats;
+
+	switch (command) {
+	case HMM_DMIRROR_READ:
+	case HMM_DMIRROR_WRITE:
+	case HMM_DMIRROR_READ_UNLOCKED:
+	case HMM_DMIRROR_SNAPSHOT:
+	case HMM_DMIRROR_EXCLUSIVE:
+	case HMM_DMIRROR_CHECK_EXCLUSIVE:
+		return dmirror_ioctl_cmd(dmirror, command, uarg);
+	case HMM_DMIRROR_STATS:
+		dmirror_stats_read(dmirror, &stats);
+		return copy_to_user(uarg, &stats, sizeof(stats)) ? -EFAULT : 0;
+	case HMM_DMIRROR_STATS_RESET:
+		dmirror_stats_reset(mdevice);
+		return 0;
+	case HMM_DMIRROR_GET_SETTINGS:
+		dmirror_settings_get(mdevice, &set);
+		return copy_to_user(uarg, &set, sizeof(set)) ? -EFAULT : 0;
+	case HMM_DMIRROR_SET_SETTINGS:
+		if (copy_from_user(&set, uarg, sizeof(set)))
+			return -EFAULT;
+		return dmirror_settings_set(mdevice, &set);
+	default:
+		return -ENOTTY;
+	}
+}
+
+/* ------------------------------------------------------------------------
+ * open and release
+ */
+
 /**
  * dmirror_fops_open() - create a device mirror of the caller's mm
  * @inode: device inode
  * @filp: the new file
  *
- * Return: 0, -ENOMEM, or the error of mmu_interval_notifier_insert().
+ * Nothing is subscribed yet: the first device fault binds the mirror to the
+ * device's settings and inserts the notifiers.
+ *
+ * Return: 0, -ENOMEM, or -EINVAL for a caller without an mm.
  */
 static int dmirror_fops_open(struct inode *inode, struct file *filp)
 {
 	struct dmirror *dmirror;
-	int ret;
 
+	if (!current->mm)
+		return -EINVAL;
 	dmirror = kzalloc_obj(*dmirror);
 	if (!dmirror)
 		return -ENOMEM;
 
 	dmirror->mdevice = container_of(inode->i_cdev, struct dmirror_device,
 					cdev);
+	dmirror->mm = current->mm;
+	mmgrab(dmirror->mm);
+	mutex_init(&dmirror->leaf_lock);
 	mutex_init(&dmirror->pt_lock);
 	xa_init(&dmirror->leaves);
+	init_llist_head(&dmirror->reap_list);
+	INIT_WORK(&dmirror->reap_work, dmirror_reap_work);
+	dmirror->whole.dmirror = dmirror;
 
 	/* Teach lockdep that pt_lock is taken from reclaim; see "Locking". */
 	if (IS_ENABLED(CONFIG_LOCKDEP)) {
@@ -882,16 +1963,39 @@ static int dmirror_fops_open(struct inode *inode, struct file *filp)
 		fs_reclaim_release(GFP_KERNEL);
 	}
 
-	ret = mmu_interval_notifier_insert(&dmirror->notifier, current->mm, 0,
-					   ULONG_MAX & PAGE_MASK,
-					   &dmirror_notifier_ops);
-	if (ret) {
-		kfree(dmirror);
-		return ret;
-	}
-
 	filp->private_data = dmirror;
 	return 0;
+}
+
+/**
+ * dmirror_teardown() - remove every notifier and leaf of a mirror
+ * @dmirror: mirror, whose file is being released
+ *
+ * First stop invalidations from queueing leaves and let queued removals
+ * finish, then remove what is left. No ioctl can run on a file being
+ * released, so nothing faults in meanwhile.
+ */
+static void dmirror_teardown(struct dmirror *dmirror)
+{
+	struct dmirror_leaf *leaf;
+	unsigned long idx;
+
+	mutex_lock(&dmirror->pt_lock);
+	dmirror->closing = true;
+	mutex_unlock(&dmirror->pt_lock);
+	flush_work(&dmirror->reap_work);
+
+	if (!dmirror_is_bound(dmirror))
+		return;
+	if (dmirror->model == HMM_DMIRROR_NOTIFIER_WHOLE)
+		dmirror_notifier_remove(dmirror, &dmirror->whole);
+
+	xa_for_each(&dmirror->leaves, idx, leaf) {
+		if (dmirror->model == HMM_DMIRROR_NOTIFIER_PER_LEAF)
+			dmirror_notifier_remove(dmirror, &leaf->notifier);
+		xa_erase(&dmirror->leaves, idx);
+		dmirror_leaf_put(leaf);
+	}
 }
 
 /**
@@ -899,18 +2003,17 @@ static int dmirror_fops_open(struct inode *inode, struct file *filp)
  * @inode: device inode
  * @filp: the file
  *
- * Once the notifier is removed no invalidation can run, and no ioctl can run
- * on a file being released, so the page table is freed without pt_lock.
- *
  * Return: 0.
  */
 static int dmirror_fops_release(struct inode *inode, struct file *filp)
 {
 	struct dmirror *dmirror = filp->private_data;
 
-	mmu_interval_notifier_remove(&dmirror->notifier);
-	dmirror_leaves_free(dmirror);
+	dmirror_teardown(dmirror);
+	xa_destroy(&dmirror->leaves);
+	mmdrop(dmirror->mm);
 	mutex_destroy(&dmirror->pt_lock);
+	mutex_destroy(&dmirror->leaf_lock);
 	kfree(dmirror);
 	return 0;
 }
@@ -923,26 +2026,49 @@ static const struct file_operations dmirror_fops = {
 	.llseek		= default_llseek,
 };
 
+/* ------------------------------------------------------------------------
+ * Devices and module
+ */
+
 static void dmirror_device_release(struct device *dev)
 {
-	/* The devices are static; nothing to free. */
+	kfree(container_of(dev, struct dmirror_device, dev));
+}
+
+static void dmirror_device_init_settings(struct dmirror_device *mdevice)
+{
+	struct hmm_dmirror_settings *set = &mdevice->settings;
+
+	set->notifier_model = notifier_model;
+	set->invalidation = invalidation;
+	set->flush_latency_ns = flush_latency_ns;
+	set->leaf_size = leaf_size;
 }
 
 /**
  * dmirror_device_add() - create /dev/hmm_dmirror<id>
- * @mdevice: the device
  * @id: its number
  * @mem_type: the memory it owns
  *
  * Return: 0 or a negative errno.
  */
-static int dmirror_device_add(struct dmirror_device *mdevice, unsigned int id,
+static int dmirror_device_add(unsigned int id,
 			      enum hmm_dmirror_memory_type mem_type)
 {
+	struct dmirror_device *mdevice;
+	unsigned int i;
 	int ret;
 
+	mdevice = kzalloc_obj(*mdevice);
+	if (!mdevice)
+		return -ENOMEM;
 	mdevice->id = id;
 	mdevice->mem_type = mem_type;
+	spin_lock_init(&mdevice->lock);
+	dmirror_device_init_settings(mdevice);
+	for (i = 0; i < DMIRROR_FLUSH_POOL; i++)
+		dmirror_flush_init(&mdevice->flush_pool[i], mdevice);
+
 	cdev_init(&mdevice->cdev, &dmirror_fops);
 	mdevice->cdev.owner = THIS_MODULE;
 	device_initialize(&mdevice->dev);
@@ -954,63 +2080,112 @@ static int dmirror_device_add(struct dmirror_device *mdevice, unsigned int id,
 		ret = cdev_device_add(&mdevice->cdev, &mdevice->dev);
 	if (ret) {
 		put_device(&mdevice->dev);
-		mdevice->mem_type = 0;
+		return ret;
 	}
-	return ret;
+	dmirror_devices[id] = mdevice;
+	return 0;
 }
 
+/*
+ * Every file of the device is closed, so no flush is pending; cancelling the
+ * timers waits for callbacks that may still be returning.
+ */
 static void dmirror_device_remove(struct dmirror_device *mdevice)
 {
-	if (!mdevice->mem_type)
-		return;
+	unsigned int i;
+
 	cdev_device_del(&mdevice->cdev, &mdevice->dev);
+	for (i = 0; i < DMIRROR_FLUSH_POOL; i++)
+		hrtimer_cancel(&mdevice->flush_pool[i].timer);
 	put_device(&mdevice->dev);
-	mdevice->mem_type = 0;
 }
 
 static void dmirror_devices_remove(void)
 {
 	unsigned int id;
 
-	for (id = 0; id < DMIRROR_NDEVICES; id++)
-		dmirror_device_remove(&dmirror_devices[id]);
+	for (id = 0; id < dmirror_nr_ids; id++) {
+		if (dmirror_devices[id])
+			dmirror_device_remove(dmirror_devices[id]);
+	}
+	kfree(dmirror_devices);
+	unregister_chrdev_region(dmirror_devt, dmirror_nr_ids);
+}
+
+static enum hmm_dmirror_memory_type dmirror_id_type(unsigned int id)
+{
+	bool coherent = id >= DMIRROR_FIRST_COHERENT &&
+			id < DMIRROR_FIRST_COHERENT + DMIRROR_NCOHERENT;
+
+	if (!coherent)
+		return HMM_DMIRROR_MEMORY_DEVICE_PRIVATE;
+	/* Coherent devices need both physical ranges, as upstream. */
+	if (spm_addr_dev0 && spm_addr_dev1)
+		return HMM_DMIRROR_MEMORY_DEVICE_COHERENT;
+	return 0;
+}
+
+static int dmirror_params_check(void)
+{
+	struct hmm_dmirror_settings set = {
+		.notifier_model = notifier_model,
+		.invalidation = invalidation,
+		.flush_latency_ns = flush_latency_ns,
+		.leaf_size = leaf_size,
+	};
+
+	if (private_devices < DMIRROR_MIN_PRIVATE ||
+	    private_devices > DMIRROR_MAX_PRIVATE)
+		return -EINVAL;
+	return dmirror_settings_check(&set);
 }
 
 static int __init dmirror_init(void)
 {
-	unsigned int ndevices = DMIRROR_NPRIVATE;
 	unsigned int id;
 	int ret;
 
-	/* Coherent devices need both physical ranges, as upstream. */
-	if (spm_addr_dev0 && spm_addr_dev1)
-		ndevices = DMIRROR_NDEVICES;
+	BUILD_BUG_ON(MMU_NOTIFY_UNMAP != HMM_DMIRROR_EVENT_UNMAP);
+	BUILD_BUG_ON(MMU_NOTIFY_RELEASE != HMM_DMIRROR_EVENT_RELEASE);
+	BUILD_BUG_ON(MMU_NOTIFY_EXCLUSIVE != HMM_DMIRROR_EVENT_EXCLUSIVE);
 
-	ret = alloc_chrdev_region(&dmirror_devt, 0, DMIRROR_NDEVICES,
+	ret = dmirror_params_check();
+	if (ret) {
+		pr_err("test_hmm: invalid module parameter\n");
+		return ret;
+	}
+
+	/* Private devices 2 and up take the numbers after the coherent ones. */
+	dmirror_nr_ids = private_devices + DMIRROR_NCOHERENT;
+	ret = alloc_chrdev_region(&dmirror_devt, 0, dmirror_nr_ids,
 				  "HMM_DMIRROR");
 	if (ret)
 		return ret;
+	dmirror_devices = kcalloc(dmirror_nr_ids, sizeof(*dmirror_devices),
+				  GFP_KERNEL);
+	if (!dmirror_devices) {
+		unregister_chrdev_region(dmirror_devt, dmirror_nr_ids);
+		return -ENOMEM;
+	}
 
-	for (id = 0; id < ndevices; id++) {
-		ret = dmirror_device_add(&dmirror_devices[id], id,
-					 id < DMIRROR_NPRIVATE ?
-					 HMM_DMIRROR_MEMORY_DEVICE_PRIVATE :
-					 HMM_DMIRROR_MEMORY_DEVICE_COHERENT);
+	for (id = 0; id < dmirror_nr_ids; id++) {
+		enum hmm_dmirror_memory_type type = dmirror_id_type(id);
+
+		if (!type)
+			continue;
+		ret = dmirror_device_add(id, type);
 		if (ret) {
 			dmirror_devices_remove();
-			unregister_chrdev_region(dmirror_devt,
-						 DMIRROR_NDEVICES);
 			return ret;
 		}
 	}
-	pr_info("HMM test device loaded: %u devices\n", ndevices);
+	pr_info("HMM test device loaded: %u device numbers\n", dmirror_nr_ids);
 	return 0;
 }
 
 static void __exit dmirror_exit(void)
 {
 	dmirror_devices_remove();
-	unregister_chrdev_region(dmirror_devt, DMIRROR_NDEVICES);
 }
 
 module_init(dmirror_init);

@@ -80,6 +80,112 @@ struct hmm_dmirror_cmd {
 #define HMM_DMIRROR_FLAGS		_IOWR('H', 0x08, struct hmm_dmirror_cmd)
 #define HMM_DMIRROR_READ_UNLOCKED	_IOWR('H', 0x09, struct hmm_dmirror_cmd)
 
+/*
+ * Ioctls of this driver only, numbered from 0x40 so that upstream can grow.
+ *
+ * HMM_DMIRROR_STATS: fill a struct hmm_dmirror_stats for the device of this
+ * file. Removals of notifiers this file deferred are finished first, so the
+ * notifier counts are exact when no other file of the device is busy.
+ *
+ * HMM_DMIRROR_STATS_RESET: zero the device's counters and the global
+ * largest-number-of-flushes-in-flight (the live notifier count is a gauge
+ * and stays).
+ *
+ * HMM_DMIRROR_GET_SETTINGS / HMM_DMIRROR_SET_SETTINGS: read or change the
+ * device's struct hmm_dmirror_settings. The invalidation mode and the flush
+ * latency apply from the next invalidation; the notifier model and the leaf
+ * size apply to mirrors that have not faulted anything yet (including the
+ * caller's). -EINVAL for an unknown value.
+ */
+#define HMM_DMIRROR_STATS		_IOR('H', 0x40, struct hmm_dmirror_stats)
+#define HMM_DMIRROR_STATS_RESET		_IO('H', 0x41)
+#define HMM_DMIRROR_GET_SETTINGS	_IOR('H', 0x42, struct hmm_dmirror_settings)
+#define HMM_DMIRROR_SET_SETTINGS	_IOW('H', 0x43, struct hmm_dmirror_settings)
+
+/*
+ * Index of hmm_dmirror_stats.invalidations: the kernel's enum
+ * mmu_notifier_event, which says why the CPU page table changed.
+ */
+#define HMM_DMIRROR_EVENT_UNMAP			0
+#define HMM_DMIRROR_EVENT_CLEAR			1
+#define HMM_DMIRROR_EVENT_PROTECTION_VMA	2
+#define HMM_DMIRROR_EVENT_PROTECTION_PAGE	3
+#define HMM_DMIRROR_EVENT_SOFT_DIRTY		4
+#define HMM_DMIRROR_EVENT_RELEASE		5
+#define HMM_DMIRROR_EVENT_MIGRATE		6
+#define HMM_DMIRROR_EVENT_EXCLUSIVE		7
+#define HMM_DMIRROR_NR_EVENTS			16
+
+/**
+ * struct hmm_dmirror_stats - counters of one device
+ * @faults: device page faults (hmm_range_fault() passes that installed PTEs)
+ * @invalidations: notifier callbacks by event (HMM_DMIRROR_EVENT_*), not
+ *	counting the device's own MMU_NOTIFY_EXCLUSIVE ones, which it ignores
+ * @flushes: TLB flushes submitted to the device's flush engine
+ * @two_pass_starts: invalidate_start() calls that returned a finish object
+ * @two_pass_finishes: invalidate_finish() calls
+ * @sync_fallbacks: invalidate_start() calls that found no free finish object
+ *	and did the whole invalidation synchronously
+ * @nonblock_refused: non-blockable invalidations refused because they
+ *	would have had to wait for a flush
+ * @flushes_in_flight_max: the largest number of flushes in flight at once,
+ *	over all devices
+ * @notifiers_live: interval notifiers the device's mirrors have now
+ * @notifier_inserts: interval notifiers inserted
+ * @notifier_removals: interval notifiers removed
+ */
+struct hmm_dmirror_stats {
+	__u64		faults;
+	__u64		invalidations[HMM_DMIRROR_NR_EVENTS];
+	__u64		flushes;
+	__u64		two_pass_starts;
+	__u64		two_pass_finishes;
+	__u64		sync_fallbacks;
+	__u64		nonblock_refused;
+	__u64		flushes_in_flight_max;
+	__u64		notifiers_live;
+	__u64		notifier_inserts;
+	__u64		notifier_removals;
+};
+
+/* How a device subscribes to invalidations of the address space it mirrors. */
+enum hmm_dmirror_notifier_model {
+	/* One interval notifier per mirror over the whole address space. */
+	HMM_DMIRROR_NOTIFIER_WHOLE = 0,
+	/* One per leaf of the device page table, created on fault. */
+	HMM_DMIRROR_NOTIFIER_PER_LEAF = 1,
+};
+
+/* How a device takes an invalidation. */
+enum hmm_dmirror_invalidation {
+	/* invalidate(): clear PTEs, flush, wait for the flush. */
+	HMM_DMIRROR_SINGLE_PASS = 0,
+	/* invalidate_start() clears and flushes, invalidate_finish() waits. */
+	HMM_DMIRROR_TWO_PASS = 1,
+};
+
+/* The next invalidate_start() finds no finish object, once. */
+#define HMM_DMIRROR_SETTING_FAIL_NEXT_FINISH	0x1U
+
+/**
+ * struct hmm_dmirror_settings - behaviour of one device
+ * @notifier_model: enum hmm_dmirror_notifier_model
+ * @invalidation: enum hmm_dmirror_invalidation
+ * @flush_latency_ns: how long the emulated TLB flush takes, 0 to 100 ms
+ * @leaf_size: bytes covered by one leaf of the device page table: a power
+ *	of two from PAGE_SIZE to 1 GiB
+ * @flags: HMM_DMIRROR_SETTING_* (write only; reads return 0)
+ * @reserved: must be 0
+ */
+struct hmm_dmirror_settings {
+	__u32		notifier_model;
+	__u32		invalidation;
+	__u64		flush_latency_ns;
+	__u64		leaf_size;
+	__u32		flags;
+	__u32		reserved;
+};
+
 /* The next device-memory allocation of a migration fails, once. */
 #define HMM_DMIRROR_FLAG_FAIL_ALLOC	0x1ULL
 

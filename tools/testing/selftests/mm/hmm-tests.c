@@ -22,6 +22,11 @@
  * - READ_UNLOCKED of a range served by userfaultfd;
  * - device reads racing with munmap();
  * - the per-page states SNAPSHOT reports;
+ * - exclusive (atomic) device access: the data taken, device writes through
+ *   it, its end at the CPU's first read or write, at mprotect(PROT_READ), at
+ *   fork() and at another device's fault; the split of a THP's PMD; the
+ *   memory that cannot be taken (shared, file, hugetlb, not writable); one
+ *   device's threads taking and giving back their own slices concurrently;
  * - rejection of malformed requests.
  *
  * Run it as root with the test_hmm module available:
@@ -37,6 +42,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -48,6 +54,7 @@
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <linux/types.h>
 #include <linux/userfaultfd.h>
 
@@ -60,7 +67,7 @@
 
 #define HMM_NPAGES		128	/* size of most test buffers */
 #define HMM_UFFD_NPAGES		16
-#define HMM_RACE_NPAGES		64
+#define HMM_RACE_NPAGES		512
 #define HMM_RACE_ROUNDS		50
 #define HMM_MAX_HUGETLB_SIZE	(64UL << 20)
 
@@ -293,6 +300,99 @@ static const char *hmm_thp_unavailable(void)
 	if (strstr(buf, "[never]"))
 		return "THP disabled: " HMM_THP_DIR "/enabled is never";
 	return NULL;
+}
+
+/* Print why something is unavailable into @why: returns NULL, for callers. */
+static __printf(3, 4) char *hmm_why(char *why, size_t len,
+				    const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(why, len, fmt, ap);
+	va_end(ap);
+	return NULL;
+}
+
+/*
+ * A PMD-sized transparent huge page, PMD-aligned and filled with the pattern
+ * @seed. Returns it with its size in @size and, in @map, the mapping to
+ * munmap() (twice that size); or NULL with the reason in @why.
+ */
+static char *hmm_map_thp(__u32 seed, size_t *size, char **map, char *why,
+			 size_t len)
+{
+	const char *off = hmm_thp_unavailable();
+	long pmd_size;
+	char *buf;
+	int err;
+
+	if (off)
+		return hmm_why(why, len, "%s", off);
+	pmd_size = hmm_read_long(HMM_THP_DIR "/hpage_pmd_size");
+	if (pmd_size <= 0)
+		pmd_size = 2L << 20;
+
+	*map = mmap(NULL, 2 * pmd_size, PROT_READ | PROT_WRITE,
+		    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (*map == MAP_FAILED)
+		return hmm_why(why, len, "mmap of %ld bytes: %s", 2 * pmd_size,
+			       strerror(errno));
+	buf = (char *)(((uintptr_t)*map + pmd_size - 1) &
+		       ~((uintptr_t)pmd_size - 1));
+	madvise(buf, pmd_size, MADV_HUGEPAGE);	/* THP is on: cannot fail */
+	hmm_fill(buf, pmd_size, seed);
+	/* Make sure of a THP: the write fault may have fallen back. */
+	if (madvise(buf, pmd_size, MADV_COLLAPSE)) {
+		err = errno;
+		munmap(*map, 2 * pmd_size);
+		return hmm_why(why, len, "no THP for the range (MADV_COLLAPSE: %s)",
+			       strerror(err));
+	}
+	*size = pmd_size;
+	return buf;
+}
+
+/*
+ * Map one private hugetlbfs page of the default size, raising nr_hugepages
+ * by one for it: as soon as it is raised, *@old_nr holds the value to put
+ * back, which the fixture's teardown does. Returns the page with its size in
+ * @size, or NULL with the reason in @why.
+ */
+static char *hmm_map_hugetlb(size_t *size, long *old_nr, char *why,
+			     size_t len)
+{
+	long size_kb = hmm_meminfo_kb("Hugepagesize");
+	long old;
+	char *buf;
+	int ret;
+
+	if (size_kb <= 0)
+		return hmm_why(why, len,
+			       "no hugetlb support: no Hugepagesize in /proc/meminfo");
+	if (size_kb * 1024 > (long)HMM_MAX_HUGETLB_SIZE)
+		return hmm_why(why, len,
+			       "default huge page size (%ld kB) too large for the test",
+			       size_kb);
+
+	old = hmm_read_long(HMM_NR_HUGEPAGES);
+	if (old < 0)
+		return hmm_why(why, len, "cannot read %s", HMM_NR_HUGEPAGES);
+	ret = hmm_write_long(HMM_NR_HUGEPAGES, old + 1);
+	if (ret)
+		return hmm_why(why, len, "cannot raise %s: %s",
+			       HMM_NR_HUGEPAGES, strerror(-ret));
+	*old_nr = old;
+	if (hmm_read_long(HMM_NR_HUGEPAGES) <= old)
+		return hmm_why(why, len,
+			       "the kernel could not allocate a huge page");
+	buf = mmap(NULL, size_kb * 1024, PROT_READ | PROT_WRITE,
+		   MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
+	if (buf == MAP_FAILED)
+		return hmm_why(why, len, "no free huge page to map: %s",
+			       strerror(errno));
+	*size = size_kb * 1024;
+	return buf;
 }
 
 /*
@@ -789,30 +889,17 @@ TEST_F(hmm, anon_cow_child_write)
  */
 TEST_F(hmm, anon_thp)
 {
-	const char *why = hmm_thp_unavailable();
+	char *map, *buf, *mirror, why[128];
 	struct hmm_dmirror_cmd cmd;
-	char *map, *buf, *mirror;
 	unsigned char *snap;
 	__u64 npages;
-	long size, bad;
+	size_t size;
+	long bad;
 
-	if (why)
+	buf = hmm_map_thp(0x7e9, &size, &map, why, sizeof(why));
+	if (!buf)
 		SKIP(return, "%s", why);
-	size = hmm_read_long(HMM_THP_DIR "/hpage_pmd_size");
-	if (size <= 0)
-		size = 2L << 20;
 	npages = size / self->page_size;
-
-	map = mmap(NULL, 2 * size, PROT_READ | PROT_WRITE,
-		   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	ASSERT_NE(MAP_FAILED, map);
-	buf = (char *)(((uintptr_t)map + size - 1) & ~((uintptr_t)size - 1));
-	ASSERT_EQ(0, madvise(buf, size, MADV_HUGEPAGE));
-	hmm_fill(buf, size, 0x7e9);
-	/* Make sure of a THP: the write fault may have fallen back. */
-	if (madvise(buf, size, MADV_COLLAPSE))
-		SKIP(return, "no THP for the range (MADV_COLLAPSE: %s)",
-		     strerror(errno));
 	mirror = malloc(size);
 	ASSERT_NE(NULL, mirror);
 	snap = malloc(npages);
@@ -844,36 +931,16 @@ TEST_F(hmm, anon_thp)
  */
 TEST_F(hmm, anon_hugetlb)
 {
-	long size_kb = hmm_meminfo_kb("Hugepagesize");
 	struct hmm_dmirror_cmd cmd;
-	char *buf, *mirror;
+	char *buf, *mirror, why[128];
 	size_t size;
 	__u64 npages;
-	long old;
-	int ret;
 
-	if (size_kb <= 0)
-		SKIP(return, "no hugetlb support: no Hugepagesize in /proc/meminfo");
-	size = size_kb * 1024;
-	if (size > HMM_MAX_HUGETLB_SIZE)
-		SKIP(return, "default huge page size (%ld kB) too large for the test",
-		     size_kb);
+	buf = hmm_map_hugetlb(&size, &self->old_nr_hugepages, why,
+			      sizeof(why));
+	if (!buf)
+		SKIP(return, "%s", why);
 	npages = size / self->page_size;
-
-	old = hmm_read_long(HMM_NR_HUGEPAGES);
-	if (old < 0)
-		SKIP(return, "cannot read %s", HMM_NR_HUGEPAGES);
-	ret = hmm_write_long(HMM_NR_HUGEPAGES, old + 1);
-	if (ret)
-		SKIP(return, "cannot raise %s: %s", HMM_NR_HUGEPAGES,
-		     strerror(-ret));
-	self->old_nr_hugepages = old;
-	if (hmm_read_long(HMM_NR_HUGEPAGES) <= old)
-		SKIP(return, "the kernel could not allocate a huge page");
-	buf = mmap(NULL, size, PROT_READ | PROT_WRITE,
-		   MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
-	if (buf == MAP_FAILED)
-		SKIP(return, "no free huge page to map: %s", strerror(errno));
 	mirror = malloc(size);
 	ASSERT_NE(NULL, mirror);
 
@@ -1053,7 +1120,9 @@ static void *hmm_unmap_thread(void *arg)
 /*
  * Device reads of a whole buffer while another thread unmaps its second
  * half: each read either fails with EFAULT or returns all of the data, and
- * once munmap() has returned, reads fail.
+ * once munmap() has returned, reads fail. The buffer is mirrored before the
+ * race starts, so that reads through the device page table race with the
+ * invalidation that clears it, as well as faults with the unmap.
  */
 TEST_F(hmm, read_vs_munmap)
 {
@@ -1074,6 +1143,8 @@ TEST_F(hmm, read_vs_munmap)
 		buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
 		ASSERT_NE(NULL, buf);
 		hmm_fill(buf, size, round);
+		ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_READ, buf, mirror,
+				     npages, &cmd));
 		race.addr = buf + half;
 		race.len = size - half;
 		race.err = 0;
@@ -1405,6 +1476,698 @@ TEST_F(hmm, snapshot_states)
 			     npages, &cmd));
 	ASSERT_EQ(0, memcmp(snap, again, npages));
 
+	munmap(buf, size);
+}
+
+/* --- Exclusive (atomic) device access --------------------------------- */
+
+#define HMM_EXCL_THREADS	4
+#define HMM_EXCL_ROUNDS		50
+/* The driver gives up retrying a request after 1 s: stay well under it. */
+#define HMM_EXCL_MAX_NS		(500 * 1000000ULL)
+
+/*
+ * CHECK_EXCLUSIVE of @npages pages at @addr: 0 if the device behind @fd
+ * holds none of them for atomic access any more, -EPERM if it still holds
+ * one, else another negative errno. @scratch is a page-sized buffer.
+ */
+static int hmm_check_exclusive(int fd, void *addr, void *scratch,
+			       __u64 npages)
+{
+	struct hmm_dmirror_cmd cmd;
+
+	return hmm_cmd(fd, HMM_DMIRROR_CHECK_EXCLUSIVE, addr, scratch, npages,
+		       &cmd);
+}
+
+static __u64 hmm_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1000000000ULL + ts.tv_nsec;
+}
+
+/*
+ * The device takes pages for exclusive access and gets their data. It keeps
+ * them while only it touches them, also writing through its atomic mapping
+ * without a fault, and loses them at the CPU's first access, a read or a
+ * write. The CPU reads what the device wrote, and the device has to fault
+ * the pages in again.
+ */
+TEST_F(hmm, exclusive_cpu_revokes)
+{
+	static const struct {
+		const char	*name;
+		bool		write;
+	} accesses[] = {
+		{ "CPU read", false },
+		{ "CPU write", true },
+	};
+	const __u64 npages = HMM_NPAGES;
+	size_t size = npages * self->page_size;
+	struct hmm_dmirror_cmd cmd;
+	char *buf, *mirror;
+	unsigned int i;
+	__u32 now;	/* the pattern in memory after the CPU access */
+
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+
+	for (i = 0; i < ARRAY_SIZE(accesses); i++) {
+		const char *name = accesses[i].name;
+
+		buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+		ASSERT_NE(NULL, buf);
+		hmm_fill(buf, size, 0xe1);
+
+		memset(mirror, 0, size);
+		ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_EXCLUSIVE, buf,
+				     mirror, npages, &cmd)) TH_LOG("%s", name);
+		ASSERT_EQ(npages, cmd.cpages);
+		ASSERT_EQ(-1, hmm_check(mirror, size, 0xe1));
+		ASSERT_EQ(-EPERM, hmm_check_exclusive(self->fd, buf, mirror,
+						      npages))
+			TH_LOG("%s: not exclusive after EXCLUSIVE", name);
+
+		hmm_fill(mirror, size, 0xe2);
+		ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_WRITE, buf, mirror,
+				     npages, &cmd));
+		ASSERT_EQ(npages, cmd.cpages);
+		ASSERT_EQ(0ULL, cmd.faults)
+			TH_LOG("%s: device write through atomic entries faulted",
+			       name);
+		ASSERT_EQ(-EPERM, hmm_check_exclusive(self->fd, buf, mirror,
+						      npages))
+			TH_LOG("%s: the device's own write revoked it", name);
+
+		if (accesses[i].write) {
+			hmm_fill(buf, size, 0xe3);
+			now = 0xe3;
+		} else {
+			ASSERT_EQ(-1, hmm_check(buf, size, 0xe2))
+				TH_LOG("CPU does not see the device's write");
+			now = 0xe2;
+		}
+		ASSERT_EQ(0, hmm_check_exclusive(self->fd, buf, mirror,
+						 npages))
+			TH_LOG("%s did not revoke exclusive access", name);
+
+		memset(mirror, 0, size);
+		ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_READ, buf, mirror,
+				     npages, &cmd));
+		ASSERT_EQ(npages, cmd.cpages);
+		ASSERT_EQ(1ULL, cmd.faults)
+			TH_LOG("%s: device kept its entries", name);
+		ASSERT_EQ(-1, hmm_check(mirror, size, now)) TH_LOG("%s", name);
+		munmap(buf, size);
+	}
+	free(mirror);
+}
+
+/*
+ * mprotect(PROT_READ) ends the device's exclusive access: it can no longer
+ * write the pages, but still reads their data. Once they are writable
+ * again, it can take them again.
+ */
+TEST_F(hmm, exclusive_mprotect)
+{
+	const __u64 npages = HMM_NPAGES;
+	size_t size = npages * self->page_size;
+	struct hmm_dmirror_cmd cmd;
+	char *buf, *mirror;
+
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	ASSERT_NE(NULL, buf);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	hmm_fill(buf, size, 0x3e0);
+
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_EXCLUSIVE, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0x3e0));
+
+	ASSERT_EQ(0, mprotect(buf, size, PROT_READ));
+	ASSERT_EQ(0, hmm_check_exclusive(self->fd, buf, mirror, npages))
+		TH_LOG("atomic access survived mprotect(PROT_READ)");
+	hmm_fill(mirror, size, 0x3e1);
+	ASSERT_EQ(-EPERM, hmm_cmd(self->fd, HMM_DMIRROR_WRITE, buf, mirror,
+				  npages, &cmd));
+	ASSERT_EQ(HMM_POISON, cmd.cpages);
+
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_READ, buf, mirror, npages,
+			     &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0x3e0));
+	ASSERT_EQ(-1, hmm_check(buf, size, 0x3e0));
+
+	ASSERT_EQ(0, mprotect(buf, size, PROT_READ | PROT_WRITE));
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_EXCLUSIVE, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-EPERM, hmm_check_exclusive(self->fd, buf, mirror, npages));
+
+	free(mirror);
+	munmap(buf, size);
+}
+
+/*
+ * Body of the child of exclusive_fork_cow: its copy of the buffer holds the
+ * parent's pattern @seed; it writes @cpu_seed with the CPU, then has a
+ * device of its own write @dev_seed (hmm_child_write()). Returns the exit
+ * status: 0 on success.
+ */
+static int hmm_child_exclusive_cow(int device, char *addr, __u64 npages,
+				   size_t page_size, __u32 seed,
+				   __u32 cpu_seed, __u32 dev_seed)
+{
+	size_t size = npages * page_size;
+
+	if (hmm_check(addr, size, seed) >= 0) {
+		fprintf(stderr, "# child: does not see the parent's data\n");
+		return 5;
+	}
+	hmm_fill(addr, size, cpu_seed);
+	return hmm_child_write(device, addr, npages, page_size, dev_seed);
+}
+
+/*
+ * fork() of pages a device holds for exclusive access: the parent's pages
+ * are mapped again, to be shared copy on write with the child, which ends
+ * the device's exclusive access. The child's CPU and device writes go to
+ * its own copies: the parent, from the CPU and from its device, keeps its
+ * data.
+ */
+TEST_F(hmm, exclusive_fork_cow)
+{
+	const __u64 npages = HMM_NPAGES;
+	size_t size = npages * self->page_size;
+	struct hmm_dmirror_cmd cmd;
+	char *buf, *mirror;
+	int status;
+	pid_t pid;
+
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	ASSERT_NE(NULL, buf);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	hmm_fill(buf, size, 0xf0);
+
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_EXCLUSIVE, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0xf0));
+
+	fflush(NULL);
+	pid = fork();
+	ASSERT_LE(0, pid);
+	if (!pid)
+		_exit(hmm_child_exclusive_cow(variant->device, buf, npages,
+					      self->page_size, 0xf0, 0xf1,
+					      0xf2));
+	while (waitpid(pid, &status, 0) < 0)
+		ASSERT_EQ(EINTR, errno);
+	ASSERT_TRUE(WIFEXITED(status)) TH_LOG("child status 0x%x", status);
+	ASSERT_EQ(0, WEXITSTATUS(status));
+
+	ASSERT_EQ(0, hmm_check_exclusive(self->fd, buf, mirror, npages))
+		TH_LOG("atomic access survived fork()");
+	ASSERT_EQ(-1, hmm_check(buf, size, 0xf0));
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_READ, buf, mirror, npages,
+			     &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0xf0));
+
+	free(mirror);
+	munmap(buf, size);
+}
+
+/* Index of the first of the @n states that is neither @a nor @b, else -1. */
+static long hmm_snap_find_not(const unsigned char *snap, __u64 n,
+			      unsigned char a, unsigned char b)
+{
+	__u64 i;
+
+	for (i = 0; i < n; i++)
+		if (snap[i] != a && snap[i] != b)
+			return i;
+	return -1;
+}
+
+/*
+ * Taking the middle half of a transparent huge page for exclusive access
+ * splits the PMD that maps it: the whole huge page is then mapped by PTEs,
+ * writable ones outside that half, and inside it too once the CPU has taken
+ * the pages back. The data stays intact.
+ */
+TEST_F(hmm, exclusive_thp)
+{
+	const unsigned char rw = HMM_DMIRROR_PROT_WRITE;
+	const unsigned char ro = HMM_DMIRROR_PROT_READ;
+	char *map, *buf, *mirror, *ref, why[128];
+	struct hmm_dmirror_cmd cmd;
+	__u64 npages, first, part;
+	unsigned char *snap;
+	size_t size, ps = self->page_size;
+	long bad;
+
+	buf = hmm_map_thp(0xe7b, &size, &map, why, sizeof(why));
+	if (!buf)
+		SKIP(return, "%s", why);
+	/* Keep khugepaged from collapsing the range again during the test. */
+	madvise(buf, size, MADV_NOHUGEPAGE);
+	npages = size / ps;
+	first = npages / 4;
+	part = npages / 2;
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	ref = malloc(size);
+	ASSERT_NE(NULL, ref);
+	hmm_fill(ref, size, 0xe7b);
+	snap = malloc(npages);
+	ASSERT_NE(NULL, snap);
+
+	memset(snap, 0xee, npages);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_SNAPSHOT, buf, snap, npages,
+			     &cmd));
+	if (hmm_check_bytes(snap, npages, rw | HMM_DMIRROR_PROT_PMD) >= 0)
+		SKIP(return, "the huge page is not mapped by a PMD (state 0x%02x)",
+		     snap[0]);
+
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_EXCLUSIVE, buf + first * ps,
+			     mirror, part, &cmd));
+	ASSERT_EQ(part, cmd.cpages);
+	ASSERT_EQ(0, memcmp(mirror, ref + first * ps, part * ps));
+
+	/* The pages outside the half show the split. */
+	memset(snap, 0xee, npages);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_SNAPSHOT, buf, snap, npages,
+			     &cmd));
+	bad = hmm_check_bytes(snap, first, rw);
+	ASSERT_EQ(-1, bad) TH_LOG("page %ld: state 0x%02x", bad, snap[bad]);
+	bad = hmm_check_bytes(snap + first + part, npages - first - part, rw);
+	ASSERT_EQ(-1, bad) TH_LOG("page %llu: state 0x%02x",
+				  first + part + bad, snap[first + part + bad]);
+	ASSERT_EQ(-EPERM, hmm_check_exclusive(self->fd, buf + first * ps,
+					      mirror, part));
+
+	/* The CPU takes the pages back. */
+	ASSERT_EQ(-1, hmm_check(buf, size, 0xe7b));
+	ASSERT_EQ(0, hmm_check_exclusive(self->fd, buf, mirror, npages));
+	memset(snap, 0xee, npages);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_SNAPSHOT, buf, snap, npages,
+			     &cmd));
+	bad = hmm_snap_find_not(snap, npages, ro, rw);
+	ASSERT_EQ(-1, bad) TH_LOG("page %ld: state 0x%02x", bad, snap[bad]);
+
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_READ, buf, mirror, npages,
+			     &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0xe7b));
+
+	free(snap);
+	free(ref);
+	free(mirror);
+	munmap(map, 2 * size);
+}
+
+enum hmm_excl_setup {
+	HMM_EXCL_UNTOUCHED,	/* never touched: the fault allocates */
+	HMM_EXCL_ZERO_PAGE,	/* CPU read: the fault replaces the zero page */
+	HMM_EXCL_COW_SHARED,	/* shared with a live child: the fault copies */
+};
+
+static const struct {
+	const char		*name;
+	enum hmm_excl_setup	setup;
+} hmm_excl_faults[] = {
+	{ "never touched", HMM_EXCL_UNTOUCHED },
+	{ "zero page", HMM_EXCL_ZERO_PAGE },
+	{ "copy on write", HMM_EXCL_COW_SHARED },
+};
+
+/*
+ * Child holding a copy-on-write share of @npages pages at @addr, filled with
+ * @seed, until @fd reads end of file. Returns its exit status: 0 if its copy
+ * still holds @seed then.
+ */
+static int hmm_child_hold(int fd, const char *addr, __u64 npages,
+			  size_t page_size, __u32 seed)
+{
+	char c;
+
+	while (read(fd, &c, 1) < 0 && errno == EINTR)
+		;
+	if (hmm_check(addr, npages * page_size, seed) >= 0) {
+		fprintf(stderr, "# child: its copy changed\n");
+		return 1;
+	}
+	return 0;
+}
+
+/*
+ * EXCLUSIVE first faults the pages in writable. When that fault replaces a
+ * page, the zero page or a page shared copy on write, it sends an
+ * invalidation that is not the device's own exclusive one: the request
+ * must still succeed at once with the data, not retry until the driver
+ * gives up, and a child sharing the pages keeps its copy.
+ */
+TEST_F(hmm, exclusive_write_fault)
+{
+	const __u64 npages = HMM_NPAGES;
+	size_t size = npages * self->page_size;
+	struct hmm_dmirror_cmd cmd;
+	int ret, status, hold[2];
+	char *buf, *mirror;
+	unsigned int i;
+	pid_t pid;
+	__u64 t0, ns;
+	long bad;
+
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+
+	for (i = 0; i < ARRAY_SIZE(hmm_excl_faults); i++) {
+		const char *name = hmm_excl_faults[i].name;
+		bool cow = hmm_excl_faults[i].setup == HMM_EXCL_COW_SHARED;
+
+		buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+		ASSERT_NE(NULL, buf);
+		pid = -1;
+		switch (hmm_excl_faults[i].setup) {
+		case HMM_EXCL_UNTOUCHED:
+			break;
+		case HMM_EXCL_ZERO_PAGE:
+			hmm_cpu_read(buf, size, self->page_size);
+			break;
+		case HMM_EXCL_COW_SHARED:
+			hmm_fill(buf, size, 0xc0e);
+			ASSERT_EQ(0, pipe2(hold, O_CLOEXEC));
+			fflush(NULL);
+			pid = fork();
+			ASSERT_LE(0, pid);
+			if (!pid) {
+				close(hold[1]);
+				_exit(hmm_child_hold(hold[0], buf, npages,
+						     self->page_size, 0xc0e));
+			}
+			close(hold[0]);
+			break;
+		}
+
+		memset(mirror, 0xa5, size);
+		t0 = hmm_now_ns();
+		ret = hmm_cmd(self->fd, HMM_DMIRROR_EXCLUSIVE, buf, mirror,
+			      npages, &cmd);
+		ns = hmm_now_ns() - t0;
+		ASSERT_EQ(0, ret) TH_LOG("%s: after %llu ms", name,
+					 ns / 1000000);
+		ASSERT_GT(HMM_EXCL_MAX_NS, ns)
+			TH_LOG("%s: EXCLUSIVE took %llu ms", name,
+			       ns / 1000000);
+		ASSERT_EQ(npages, cmd.cpages);
+		if (cow)
+			bad = hmm_check(mirror, size, 0xc0e);
+		else
+			bad = hmm_check_bytes(mirror, size, 0);
+		ASSERT_EQ(-1, bad) TH_LOG("%s: wrong data at %ld", name, bad);
+		ASSERT_EQ(-EPERM, hmm_check_exclusive(self->fd, buf, mirror,
+						      npages)) TH_LOG("%s", name);
+
+		/* The CPU takes the pages back and writes its own copy. */
+		hmm_fill(buf, size, 0xc0f);
+		ASSERT_EQ(0, hmm_check_exclusive(self->fd, buf, mirror,
+						 npages)) TH_LOG("%s", name);
+		if (cow) {
+			close(hold[1]);
+			while (waitpid(pid, &status, 0) < 0)
+				ASSERT_EQ(EINTR, errno);
+			ASSERT_TRUE(WIFEXITED(status))
+				TH_LOG("child status 0x%x", status);
+			ASSERT_EQ(0, WEXITSTATUS(status));
+		}
+		munmap(buf, size);
+	}
+	free(mirror);
+}
+
+enum hmm_excl_mem {
+	HMM_EXCL_ANON,		/* private anonymous */
+	HMM_EXCL_ANON_SHARED,	/* MAP_SHARED anonymous: shmem */
+	HMM_EXCL_FILE_SHARED,	/* MAP_SHARED temporary file */
+	HMM_EXCL_HUGETLB,	/* one private hugetlbfs page */
+};
+
+/* Memory that cannot be taken for exclusive access, and the errno. */
+static const struct {
+	const char		*name;
+	enum hmm_excl_mem	mem;
+	int			prot;	/* after it was filled */
+	int			err;
+} hmm_excl_refused[] = {
+	{ "MAP_SHARED file", HMM_EXCL_FILE_SHARED, PROT_READ | PROT_WRITE,
+	  EOPNOTSUPP },
+	{ "MAP_SHARED anonymous", HMM_EXCL_ANON_SHARED, PROT_READ | PROT_WRITE,
+	  EOPNOTSUPP },
+	{ "hugetlb", HMM_EXCL_HUGETLB, PROT_READ | PROT_WRITE, EOPNOTSUPP },
+	{ "PROT_NONE", HMM_EXCL_ANON, PROT_NONE, EFAULT },
+	{ "PROT_READ", HMM_EXCL_ANON, PROT_READ, EFAULT },
+};
+
+/*
+ * Only writable private anonymous memory can be taken for exclusive access.
+ * Other memory is refused with the documented errno; the request reports
+ * nothing back, takes no page and leaves the data alone.
+ */
+TEST_F(hmm, exclusive_refused)
+{
+	char *buf, *mirror, why[128];
+	struct hmm_dmirror_cmd cmd;
+	unsigned int i;
+	size_t size;
+	__u64 npages;
+	int fd;
+
+	for (i = 0; i < ARRAY_SIZE(hmm_excl_refused); i++) {
+		const char *name = hmm_excl_refused[i].name;
+
+		size = HMM_NPAGES * self->page_size;
+		buf = NULL;
+		fd = -1;
+		why[0] = '\0';
+		switch (hmm_excl_refused[i].mem) {
+		case HMM_EXCL_ANON:
+			buf = hmm_map_anon(size, PROT_READ | PROT_WRITE,
+					   MAP_PRIVATE);
+			break;
+		case HMM_EXCL_ANON_SHARED:
+			buf = hmm_map_anon(size, PROT_READ | PROT_WRITE,
+					   MAP_SHARED);
+			break;
+		case HMM_EXCL_FILE_SHARED:
+			fd = hmm_tmpfile(size);
+			if (fd < 0) {
+				hmm_why(why, sizeof(why),
+					"no writable directory for a temporary file");
+				break;
+			}
+			buf = mmap(NULL, size, PROT_READ | PROT_WRITE,
+				   MAP_SHARED, fd, 0);
+			ASSERT_NE(MAP_FAILED, buf) TH_LOG("%s", name);
+			break;
+		case HMM_EXCL_HUGETLB:
+			buf = hmm_map_hugetlb(&size, &self->old_nr_hugepages,
+					      why, sizeof(why));
+			break;
+		}
+		if (!buf && why[0]) {
+			TH_LOG("%s: skipped: %s", name, why);
+			continue;
+		}
+		ASSERT_NE(NULL, buf) TH_LOG("%s", name);
+		npages = size / self->page_size;
+		mirror = malloc(size);
+		ASSERT_NE(NULL, mirror);
+		hmm_fill(buf, size, 0x4e0 + i);
+		ASSERT_EQ(0, mprotect(buf, size, hmm_excl_refused[i].prot));
+
+		EXPECT_EQ(-hmm_excl_refused[i].err,
+			  hmm_cmd(self->fd, HMM_DMIRROR_EXCLUSIVE, buf, mirror,
+				  npages, &cmd)) TH_LOG("%s", name);
+		EXPECT_EQ(HMM_POISON, cmd.cpages) TH_LOG("%s", name);
+		EXPECT_EQ(0, hmm_check_exclusive(self->fd, buf, mirror,
+						 npages)) TH_LOG("%s", name);
+
+		ASSERT_EQ(0, mprotect(buf, size, PROT_READ));
+		EXPECT_EQ(-1, hmm_check(buf, size, 0x4e0 + i))
+			TH_LOG("%s: data changed", name);
+		free(mirror);
+		munmap(buf, size);
+		if (fd >= 0)
+			close(fd);
+	}
+}
+
+/*
+ * Two devices mirror the same pages, the fixture's and the other one of
+ * the same kind. Taking the pages for exclusive access keeps the taker's
+ * own mirror (its invalidation is filtered out, so the request does not
+ * retry until the driver's time limit) but drops the other device's. The
+ * other device's next read faults, which revokes the taker's access.
+ */
+TEST_F(hmm, exclusive_two_devices)
+{
+	const __u64 npages = HMM_NPAGES;
+	size_t size = npages * self->page_size;
+	int other = variant->device ^ 1;	/* 0 <-> 1, 2 <-> 3 */
+	struct hmm_dmirror_cmd cmd;
+	char *buf, *mirror;
+	__u64 t0, ns;
+	int fd, ret;
+
+	fd = hmm_open(other);
+	ASSERT_LE(0, fd);
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	ASSERT_NE(NULL, buf);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	hmm_fill(buf, size, 0x2de);
+
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_READ, buf, mirror, npages,
+			     &cmd));
+	ASSERT_EQ(1ULL, cmd.faults);
+	ASSERT_EQ(0, hmm_cmd(fd, HMM_DMIRROR_READ, buf, mirror, npages, &cmd));
+	ASSERT_EQ(1ULL, cmd.faults);
+
+	memset(mirror, 0, size);
+	t0 = hmm_now_ns();
+	ret = hmm_cmd(self->fd, HMM_DMIRROR_EXCLUSIVE, buf, mirror, npages,
+		      &cmd);
+	ns = hmm_now_ns() - t0;
+	ASSERT_EQ(0, ret) TH_LOG("EXCLUSIVE failed after %llu ms", ns / 1000000);
+	ASSERT_GT(HMM_EXCL_MAX_NS, ns)
+		TH_LOG("EXCLUSIVE took %llu ms: did it retry on its own invalidation?",
+		       ns / 1000000);
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0x2de));
+
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_READ, buf, mirror, npages,
+			     &cmd));
+	ASSERT_EQ(0ULL, cmd.faults) TH_LOG("the taker lost its mirror");
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0x2de));
+	ASSERT_EQ(-EPERM, hmm_check_exclusive(self->fd, buf, mirror, npages));
+
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(fd, HMM_DMIRROR_READ, buf, mirror, npages, &cmd));
+	ASSERT_EQ(1ULL, cmd.faults) TH_LOG("device %d kept its mirror", other);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0x2de));
+	ASSERT_EQ(0, hmm_check_exclusive(self->fd, buf, mirror, npages))
+		TH_LOG("device %d's fault did not revoke exclusive access",
+		       other);
+
+	free(mirror);
+	munmap(buf, size);
+	close(fd);
+}
+
+/* One thread of exclusive_threads, and what went wrong in it. */
+struct hmm_excl_thread {
+	pthread_t	thread;
+	int		fd;		/* shared by all threads */
+	char		*slice;		/* the thread's part of the buffer */
+	__u64		npages;
+	size_t		page_size;
+	unsigned int	id;
+	unsigned int	round;		/* the round that failed */
+	const char	*failed;	/* what failed, NULL if nothing */
+	int		ret;		/* the failed request's result */
+};
+
+/* Round @round of thread @t: what failed, NULL if nothing. */
+static const char *hmm_excl_round(struct hmm_excl_thread *t, char *mirror,
+				  __u32 seed)
+{
+	size_t size = t->npages * t->page_size;
+	struct hmm_dmirror_cmd cmd;
+
+	hmm_fill(t->slice, size, seed);
+	t->ret = hmm_cmd(t->fd, HMM_DMIRROR_EXCLUSIVE, t->slice, mirror,
+			 t->npages, &cmd);
+	if (t->ret)
+		return "EXCLUSIVE failed";
+	if (cmd.cpages != t->npages)
+		return "EXCLUSIVE took part of the slice";
+	if (hmm_check(mirror, size, seed) >= 0)
+		return "EXCLUSIVE returned the wrong data";
+	t->ret = hmm_check_exclusive(t->fd, t->slice, mirror, t->npages);
+	if (t->ret != -EPERM)
+		return "CHECK_EXCLUSIVE: not exclusive after EXCLUSIVE";
+	t->ret = 0;
+	if (hmm_check(t->slice, size, seed) >= 0)
+		return "the CPU read the wrong data";
+	t->ret = hmm_check_exclusive(t->fd, t->slice, mirror, t->npages);
+	if (t->ret)
+		return "CHECK_EXCLUSIVE: still exclusive after the CPU read";
+	return NULL;
+}
+
+static void *hmm_excl_thread_fn(void *arg)
+{
+	struct hmm_excl_thread *t = arg;
+	char *mirror = malloc(t->npages * t->page_size);
+
+	if (!mirror) {
+		t->failed = "malloc";
+		return NULL;
+	}
+	for (t->round = 0; t->round < HMM_EXCL_ROUNDS; t->round++) {
+		t->failed = hmm_excl_round(t, mirror, t->id << 16 | t->round);
+		if (t->failed)
+			break;
+	}
+	free(mirror);
+	return NULL;
+}
+
+/*
+ * Threads sharing one device each take their own slice of a buffer for
+ * exclusive access and give it back by reading it, over and over: no
+ * thread's requests or CPU accesses disturb another thread's pages.
+ */
+TEST_F(hmm, exclusive_threads)
+{
+	const __u64 slice_pages = HMM_NPAGES / HMM_EXCL_THREADS;
+	size_t slice = slice_pages * self->page_size;
+	struct hmm_excl_thread t[HMM_EXCL_THREADS] = { 0 };
+	size_t size = HMM_EXCL_THREADS * slice;
+	unsigned int i;
+	char *buf;
+
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	ASSERT_NE(NULL, buf);
+	for (i = 0; i < HMM_EXCL_THREADS; i++) {
+		t[i].fd = self->fd;
+		t[i].slice = buf + i * slice;
+		t[i].npages = slice_pages;
+		t[i].page_size = self->page_size;
+		t[i].id = i + 1;
+		ASSERT_EQ(0, pthread_create(&t[i].thread, NULL,
+					    hmm_excl_thread_fn, &t[i]));
+	}
+	for (i = 0; i < HMM_EXCL_THREADS; i++)
+		ASSERT_EQ(0, pthread_join(t[i].thread, NULL));
+	for (i = 0; i < HMM_EXCL_THREADS; i++) {
+		const struct hmm_excl_thread *th = &t[i];
+
+		EXPECT_EQ(NULL, th->failed)
+			TH_LOG("thread %u, round %u: %s (ret %d)", th->id,
+			       th->round, th->failed, th->ret);
+	}
 	munmap(buf, size);
 }
 

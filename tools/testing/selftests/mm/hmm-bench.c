@@ -1,0 +1,201 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Benchmark of multi-device invalidation with the HMM test device.
+ *
+ * N devices (1, 2, 4, 8) mirror one small range; the time of one munmap() of
+ * that range is measured with every device in single-pass mode and then in
+ * two-pass mode, at a fixed emulated TLB flush latency L. A single-pass
+ * device waits for its flush before the next device is even asked, so the
+ * munmap() costs about N * L; two-pass devices all start their flush first
+ * and are waited for second, about L.
+ *
+ * Each table also gives the cost at L = 0, the fixed cost of the munmap()
+ * and of the notifier calls, so that (two-pass - fixed) / L shows how much
+ * of one flush latency two-pass invalidation costs.
+ *
+ * Usage: hmm-bench [-l latency_us]... [-r runs]   (root, test_hmm loaded)
+ * Default: tables at L = 200 us (the driver's default) and 2000 us.
+ * run_vm.sh --bench runs it in the QEMU guest.
+ */
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <linux/types.h>
+
+#include <lib/test_hmm_uapi.h>
+
+#define BENCH_PAGES		16
+#define BENCH_MAX_DEVICES	8
+
+/* Device-private devices: 0 and 1, then 4 and up (2 and 3 are coherent). */
+static const int bench_device_ids[BENCH_MAX_DEVICES] = {
+	0, 1, 4, 5, 6, 7, 8, 9
+};
+static const int bench_device_counts[] = { 1, 2, 4, 8 };
+
+static int bench_open(int id, __u32 invalidation, __u64 latency_ns)
+{
+	struct hmm_dmirror_settings set = {
+		.notifier_model = HMM_DMIRROR_NOTIFIER_PER_LEAF,
+		.invalidation = invalidation,
+		.flush_latency_ns = latency_ns,
+		.leaf_size = 2UL << 20,
+	};
+	char path[32];
+	int fd;
+
+	snprintf(path, sizeof(path), "/dev/hmm_dmirror%d", id);
+	fd = open(path, O_RDWR | O_CLOEXEC);
+	if (fd < 0) {
+		fprintf(stderr, "open %s: %s\n", path, strerror(errno));
+		exit(1);
+	}
+	if (ioctl(fd, HMM_DMIRROR_SET_SETTINGS, &set)) {
+		fprintf(stderr, "settings of %s: %s\n", path, strerror(errno));
+		exit(1);
+	}
+	return fd;
+}
+
+static double bench_now_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
+}
+
+/* One sample: map, mirror on every device, time the munmap(). */
+static double bench_munmap_once(const int *fds, int ndev, char *mirror)
+{
+	size_t size = BENCH_PAGES * (size_t)getpagesize();
+	struct hmm_dmirror_cmd cmd;
+	double t0;
+	char *buf;
+	int i;
+
+	buf = mmap(NULL, size, PROT_READ | PROT_WRITE,
+		   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (buf == MAP_FAILED) {
+		perror("mmap");
+		exit(1);
+	}
+	memset(buf, 0x5a, size);
+	for (i = 0; i < ndev; i++) {
+		memset(&cmd, 0, sizeof(cmd));
+		cmd.addr = (__u64)(unsigned long)buf;
+		cmd.ptr = (__u64)(unsigned long)mirror;
+		cmd.npages = BENCH_PAGES;
+		if (ioctl(fds[i], HMM_DMIRROR_READ, &cmd)) {
+			perror("HMM_DMIRROR_READ");
+			exit(1);
+		}
+	}
+	t0 = bench_now_us();
+	munmap(buf, size);
+	return bench_now_us() - t0;
+}
+
+static int bench_cmp(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return (x > y) - (x < y);
+}
+
+/* Median munmap() time, in us, with @ndev devices in mode @invalidation. */
+static double bench_config(int ndev, __u32 invalidation, __u64 latency_ns,
+			   int runs)
+{
+	char mirror[BENCH_PAGES * 4096 * 4];
+	int fds[BENCH_MAX_DEVICES];
+	double *samples, median;
+	int i;
+
+	samples = calloc(runs, sizeof(*samples));
+	if (!samples)
+		exit(1);
+	for (i = 0; i < ndev; i++)
+		fds[i] = bench_open(bench_device_ids[i], invalidation,
+				    latency_ns);
+	/* One warm-up round binds the mirrors and inserts the notifiers. */
+	bench_munmap_once(fds, ndev, mirror);
+	for (i = 0; i < runs; i++)
+		samples[i] = bench_munmap_once(fds, ndev, mirror);
+	for (i = 0; i < ndev; i++)
+		close(fds[i]);
+	qsort(samples, runs, sizeof(*samples), bench_cmp);
+	median = samples[runs / 2];
+	free(samples);
+	return median;
+}
+
+/* One table: every device count at flush latency @latency_us. */
+static void bench_table(unsigned long latency_us, int runs)
+{
+	unsigned int i;
+
+	printf("# munmap() of %d pages mirrored by N devices, flush latency L = %lu us, median of %d runs\n",
+	       BENCH_PAGES, latency_us, runs);
+	printf("# %7s %10s %16s %14s %11s %15s\n", "devices", "L=0 us",
+	       "single-pass us", "two-pass us", "single/two",
+	       "(two-L=0)/L");
+	for (i = 0; i < sizeof(bench_device_counts) / sizeof(int); i++) {
+		int n = bench_device_counts[i];
+		double base, single, two;
+
+		/* Without latency the modes cost the same: the fixed cost. */
+		base = bench_config(n, HMM_DMIRROR_TWO_PASS, 0, runs);
+		single = bench_config(n, HMM_DMIRROR_SINGLE_PASS,
+				      latency_us * 1000, runs);
+		two = bench_config(n, HMM_DMIRROR_TWO_PASS, latency_us * 1000,
+				   runs);
+		printf("# %7d %10.1f %16.1f %14.1f %11.2f %15.2f\n", n, base,
+		       single, two, single / two, (two - base) / latency_us);
+	}
+}
+
+int main(int argc, char **argv)
+{
+	unsigned long latencies[8] = { 200, 2000 };
+	unsigned int nlat = 0, i;
+	int runs = 51, opt;
+
+	while ((opt = getopt(argc, argv, "l:r:")) != -1) {
+		switch (opt) {
+		case 'l':
+			if (nlat == 8)
+				return 2;
+			latencies[nlat++] = strtoul(optarg, NULL, 0);
+			break;
+		case 'r':
+			runs = atoi(optarg);
+			break;
+		default:
+			fprintf(stderr, "usage: %s [-l latency_us]... [-r runs]\n",
+				argv[0]);
+			return 2;
+		}
+	}
+	if (!nlat)
+		nlat = 2;
+	if (runs < 1 || getpagesize() > 4096 * 4) {
+		fprintf(stderr, "bad arguments\n");
+		return 2;
+	}
+	for (i = 0; i < nlat; i++) {
+		if (!latencies[i]) {
+			fprintf(stderr, "latency must be > 0\n");
+			return 2;
+		}
+		bench_table(latencies[i], runs);
+	}
+	return 0;
+}
