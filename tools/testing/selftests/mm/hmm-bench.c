@@ -38,6 +38,7 @@
 static const int bench_device_ids[BENCH_MAX_DEVICES] = {
 	0, 1, 4, 5, 6, 7, 8, 9
 };
+
 static const int bench_device_counts[] = { 1, 2, 4, 8 };
 
 static int bench_open(int id, __u32 invalidation, __u64 latency_ns)
@@ -142,8 +143,9 @@ static void bench_table(unsigned long latency_us, int runs)
 {
 	unsigned int i;
 
-	printf("# munmap() of %d pages mirrored by N devices, flush latency L = %lu us, median of %d runs\n",
-	       BENCH_PAGES, latency_us, runs);
+	printf("# munmap() of %d pages mirrored by N devices, ", BENCH_PAGES);
+	printf("flush latency L = %lu us, median of %d runs\n", latency_us,
+	       runs);
 	printf("# %7s %10s %16s %14s %11s %15s\n", "devices", "L=0 us",
 	       "single-pass us", "two-pass us", "single/two",
 	       "(two-L=0)/L");
