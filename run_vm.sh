@@ -431,6 +431,17 @@ lint() {
 
 # --- Step: pack ------------------------------------------------------------
 
+# Runs of one kernel share their run directory: one at a time.
+lock_run_dir() {
+	local dir=$CACHE/run/$BUILD_NAME
+	mkdir -p "$dir"
+	exec 9>"$dir/.lock"
+	if ! flock -n 9; then
+		progress "pack: waiting for another run using $dir"
+		flock 9
+	fi
+}
+
 # kselftest names (fixture.variant.test) listed by the harness's -l table.
 list_tests() {
 	"$TESTS_BIN" -l 2>&1 | awk '
@@ -688,6 +699,7 @@ main() {
 		exit
 	fi
 	build
+	lock_run_dir
 	pack
 	boot
 	report

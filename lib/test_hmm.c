@@ -392,14 +392,13 @@ static void dmirror_note_in_flight(void)
 /**
  * dmirror_flush_submit() - start a TLB flush on the device's engine
  * @flush: the flush, idle
+ * @latency: how long the flush takes, in ns
  *
- * Does not sleep. The flush completes after the device's flush latency, at
- * once when that is 0.
+ * Does not sleep. The flush completes after @latency, at once when it is 0.
  */
-static void dmirror_flush_submit(struct dmirror_flush *flush)
+static void dmirror_flush_submit(struct dmirror_flush *flush, u64 latency)
 {
 	struct dmirror_device *mdevice = flush->mdevice;
-	u64 latency = READ_ONCE(mdevice->settings.flush_latency_ns);
 
 	atomic64_inc(&mdevice->stats.flushes);
 	dmirror_note_in_flight();
@@ -429,10 +428,11 @@ static void dmirror_flush_wait(struct dmirror_flush *flush)
 /**
  * dmirror_flush_sync() - flush and wait, without a finish object
  * @mdevice: device
+ * @latency: how long the flush takes, in ns
  *
- * Sleeps unless the flush latency is 0.
+ * Sleeps unless @latency is 0.
  */
-static void dmirror_flush_sync(struct dmirror_device *mdevice)
+static void dmirror_flush_sync(struct dmirror_device *mdevice, u64 latency)
 {
 	struct dmirror_flush flush;
 
@@ -440,7 +440,7 @@ static void dmirror_flush_sync(struct dmirror_device *mdevice)
 	hrtimer_setup_on_stack(&flush.timer, dmirror_flush_timer_fn,
 			       CLOCK_MONOTONIC, HRTIMER_MODE_REL);
 	init_completion(&flush.done);
-	dmirror_flush_submit(&flush);
+	dmirror_flush_submit(&flush, latency);
 	dmirror_flush_wait(&flush);
 	destroy_hrtimer_on_stack(&flush.timer);
 }
@@ -931,6 +931,8 @@ static bool dmirror_event_is_own(struct dmirror *dmirror,
  * @range: what changes, and why
  * @cur_seq: sequence to publish
  * @cleared: output, the number of PTEs cleared
+ * @latency: output, the flush latency this invalidation must use: the
+ *	decision to go ahead without blocking rests on it
  *
  * Clears the device PTEs of the range and, in the per-leaf model, queues an
  * emptied leaf for removal. A range that may not block is refused when
@@ -942,7 +944,7 @@ static bool dmirror_event_is_own(struct dmirror *dmirror,
 static bool dmirror_invalidate_begin(struct dmirror_notifier *dn,
 				     const struct mmu_notifier_range *range,
 				     unsigned long cur_seq,
-				     unsigned long *cleared)
+				     unsigned long *cleared, u64 *latency)
 {
 	struct dmirror *dmirror = dn->dmirror;
 	struct dmirror_device *mdevice = dmirror->mdevice;
@@ -956,7 +958,8 @@ static bool dmirror_invalidate_begin(struct dmirror_notifier *dn,
 		return false;
 	}
 
-	if (!blockable && READ_ONCE(mdevice->settings.flush_latency_ns) &&
+	*latency = READ_ONCE(mdevice->settings.flush_latency_ns);
+	if (!blockable && *latency &&
 	    (dn->leaf ? dmirror_leaf_clear(dmirror, dn->leaf, start, end, true) :
 			dmirror_pt_clear(dmirror, start, end, true))) {
 		mutex_unlock(&dmirror->pt_lock);
@@ -996,13 +999,14 @@ static bool dmirror_invalidate(struct mmu_interval_notifier *mni,
 {
 	struct dmirror_notifier *dn = to_dmirror_notifier(mni);
 	unsigned long cleared;
+	u64 latency;
 
 	if (dmirror_event_is_own(dn->dmirror, range))
 		return true;
-	if (!dmirror_invalidate_begin(dn, range, cur_seq, &cleared))
+	if (!dmirror_invalidate_begin(dn, range, cur_seq, &cleared, &latency))
 		return false;
 	if (cleared)
-		dmirror_flush_sync(dn->dmirror->mdevice);
+		dmirror_flush_sync(dn->dmirror->mdevice, latency);
 	return true;
 }
 
@@ -1032,26 +1036,27 @@ dmirror_invalidate_start(struct mmu_interval_notifier *mni,
 	struct dmirror_device *mdevice = dn->dmirror->mdevice;
 	struct dmirror_flush *flush;
 	unsigned long cleared;
+	u64 latency;
 
 	if (dmirror_event_is_own(dn->dmirror, range))
 		return true;
-	if (!dmirror_invalidate_begin(dn, range, cur_seq, &cleared))
+	if (!dmirror_invalidate_begin(dn, range, cur_seq, &cleared, &latency))
 		return false;
 	if (!cleared)
 		return true;
 	if (!mmu_notifier_range_blockable(range)) {
 		/* Only let through when the flush completes at once. */
-		dmirror_flush_sync(mdevice);
+		dmirror_flush_sync(mdevice, latency);
 		return true;
 	}
 
 	flush = dmirror_flush_get(mdevice);
 	if (!flush) {
 		atomic64_inc(&mdevice->stats.sync_fallbacks);
-		dmirror_flush_sync(mdevice);
+		dmirror_flush_sync(mdevice, latency);
 		return true;
 	}
-	dmirror_flush_submit(flush);
+	dmirror_flush_submit(flush, latency);
 	atomic64_inc(&mdevice->stats.two_pass_starts);
 	*finish = &flush->finish;
 	return true;
@@ -1368,6 +1373,54 @@ static int dmirror_access(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
  */
 
 /**
+ * struct dmirror_watch - a temporary notifier that only detects collisions
+ * @mni: the notifier
+ * @dmirror: mirror whose pt_lock serialises the sequence
+ *
+ * Used where the device needs a collision-retry window over a range without
+ * mapping it through the mirror's notifiers: a snapshot, which maps nothing,
+ * and exclusive access to one page, which must not retry because of
+ * invalidations elsewhere in the leaf.
+ */
+struct dmirror_watch {
+	struct mmu_interval_notifier mni;
+	struct dmirror *dmirror;
+};
+
+static bool dmirror_watch_invalidate(struct mmu_interval_notifier *mni,
+				     const struct mmu_notifier_range *range,
+				     unsigned long cur_seq)
+{
+	struct dmirror_watch *watch =
+		container_of(mni, struct dmirror_watch, mni);
+	struct dmirror *dmirror = watch->dmirror;
+
+	/* See dmirror_event_is_own(): this one would retry forever too. */
+	if (dmirror_event_is_own(dmirror, range))
+		return true;
+	if (mmu_notifier_range_blockable(range))
+		mutex_lock(&dmirror->pt_lock);
+	else if (!mutex_trylock(&dmirror->pt_lock))
+		return false;
+	mmu_interval_set_seq(mni, cur_seq);
+	mutex_unlock(&dmirror->pt_lock);
+	return true;
+}
+
+static const struct mmu_interval_notifier_ops dmirror_watch_ops = {
+	.invalidate = dmirror_watch_invalidate,
+};
+
+static int dmirror_watch_insert(struct dmirror_watch *watch,
+				struct dmirror *dmirror, unsigned long start,
+				unsigned long end)
+{
+	watch->dmirror = dmirror;
+	return mmu_interval_notifier_insert(&watch->mni, dmirror->mm, start,
+					    end - start, &dmirror_watch_ops);
+}
+
+/**
  * dmirror_exclusive_give_back() - return an unused exclusive page to the CPU
  * @mm: mirrored mm
  * @addr: page address
@@ -1397,21 +1450,25 @@ static int dmirror_exclusive_give_back(struct mm_struct *mm,
  * dmirror_exclusive_try() - one attempt at making a page exclusive
  * @dmirror: mirror
  * @leaf: leaf covering @addr, referenced
+ * @watch: notifier over the page alone
  * @addr: page address
  * @installed: output, true if the atomic PTE was installed
  *
  * make_device_exclusive() returns the page locked, so the CPU cannot take it
  * back before the device PTE is written. The collision check still applies:
  * the page may have been unmapped between the GUP inside
- * make_device_exclusive() and pt_lock.
+ * make_device_exclusive() and pt_lock. It uses @watch rather than the leaf's
+ * notifier: only invalidations of this page matter, and with other threads
+ * busy in the leaf the page would otherwise keep retrying.
  *
  * Return: 0 or the error of make_device_exclusive().
  */
 static int dmirror_exclusive_try(struct dmirror *dmirror,
-				 struct dmirror_leaf *leaf, unsigned long addr,
-				 bool *installed)
+				 struct dmirror_leaf *leaf,
+				 struct dmirror_watch *watch,
+				 unsigned long addr, bool *installed)
 {
-	struct mmu_interval_notifier *mni = dmirror_leaf_notifier(dmirror, leaf);
+	struct mmu_interval_notifier *mni = &watch->mni;
 	struct mm_struct *mm = dmirror->mm;
 	struct folio *folio;
 	struct page *page;
@@ -1456,27 +1513,38 @@ static int dmirror_exclusive_page(struct dmirror *dmirror, unsigned long addr)
 {
 	unsigned long deadline = jiffies +
 				 msecs_to_jiffies(DMIRROR_FAULT_TIMEOUT_MS);
+	struct dmirror_watch watch;
 	struct dmirror_leaf *leaf;
 	bool installed = false;
 	int ret;
 
+	ret = dmirror_watch_insert(&watch, dmirror, addr, addr + PAGE_SIZE);
+	if (ret)
+		return ret;
 	for (;;) {
 		leaf = dmirror_leaf_get(dmirror, addr);
-		if (IS_ERR(leaf))
-			return PTR_ERR(leaf);
-		ret = dmirror_exclusive_try(dmirror, leaf, addr, &installed);
+		if (IS_ERR(leaf)) {
+			ret = PTR_ERR(leaf);
+			break;
+		}
+		ret = dmirror_exclusive_try(dmirror, leaf, &watch, addr,
+					    &installed);
 		dmirror_leaf_put(leaf);
 		if (ret || installed)
-			return ret;
+			break;
 
+		ret = -EBUSY;
 		if (time_after(jiffies, deadline))
-			return -EBUSY;
+			break;
+		ret = -EINTR;
 		if (fatal_signal_pending(current))
-			return -EINTR;
+			break;
 		ret = dmirror_exclusive_give_back(dmirror->mm, addr);
 		if (ret)
-			return ret;
+			break;
 	}
+	mmu_interval_notifier_remove(&watch.mni);
+	return ret;
 }
 
 /**
@@ -1532,41 +1600,6 @@ static int dmirror_check_exclusive(struct dmirror *dmirror,
  * SNAPSHOT
  */
 
-/**
- * struct dmirror_snapshot - a temporary notifier over a snapshot range
- * @notifier: detects CPU page table changes during the snapshot
- * @dmirror: mirror whose pt_lock serialises the sequence
- *
- * A snapshot reads the CPU page table without faulting and without mapping
- * anything in the device, so it tracks collisions with a notifier of its
- * own rather than the mirror's.
- */
-struct dmirror_snapshot {
-	struct mmu_interval_notifier notifier;
-	struct dmirror *dmirror;
-};
-
-static bool dmirror_snapshot_invalidate(struct mmu_interval_notifier *mni,
-					const struct mmu_notifier_range *range,
-					unsigned long cur_seq)
-{
-	struct dmirror_snapshot *snap =
-		container_of(mni, struct dmirror_snapshot, notifier);
-	struct dmirror *dmirror = snap->dmirror;
-
-	if (mmu_notifier_range_blockable(range))
-		mutex_lock(&dmirror->pt_lock);
-	else if (!mutex_trylock(&dmirror->pt_lock))
-		return false;
-	mmu_interval_set_seq(mni, cur_seq);
-	mutex_unlock(&dmirror->pt_lock);
-	return true;
-}
-
-static const struct mmu_interval_notifier_ops dmirror_snapshot_ops = {
-	.invalidate = dmirror_snapshot_invalidate,
-};
-
 static bool dmirror_page_is_ours(struct dmirror *dmirror, struct page *page)
 {
 	return page_pgmap(page)->owner == dmirror->mdevice;
@@ -1618,13 +1651,13 @@ static u8 dmirror_snapshot_entry(struct dmirror *dmirror, unsigned long hpfn)
 
 /**
  * dmirror_snapshot_batch() - snapshot the CPU page table of one batch
- * @snap: snapshot notifier covering the batch
+ * @snap: notifier covering the batch
  * @range: the batch, with default_flags 0 so that nothing is faulted
  * @states: one output byte per page
  *
  * Return: 0, -EBUSY if invalidations kept colliding, -EINTR.
  */
-static int dmirror_snapshot_batch(struct dmirror_snapshot *snap,
+static int dmirror_snapshot_batch(struct dmirror_watch *snap,
 				  struct hmm_range *range, u8 *states)
 {
 	struct dmirror *dmirror = snap->dmirror;
@@ -1669,21 +1702,22 @@ static int dmirror_snapshot(struct dmirror *dmirror,
 			    const struct dmirror_range *range)
 {
 	u8 __user *uptr = u64_to_user_ptr(cmd->ptr);
-	struct dmirror_snapshot snap = { .dmirror = dmirror };
+	struct dmirror_watch snap;
 	unsigned long pfns[DMIRROR_BATCH_PAGES];
 	u8 states[DMIRROR_BATCH_PAGES];
 	struct hmm_range hrange = {
-		.notifier = &snap.notifier,
+		.notifier = &snap.mni,
 		.hmm_pfns = pfns,
 		.dev_private_owner = dmirror->mdevice,
 	};
 	unsigned long addr;
 	int ret;
 
-	ret = mmu_interval_notifier_insert(&snap.notifier, dmirror->mm,
-					   range->start,
-					   range->end - range->start,
-					   &dmirror_snapshot_ops);
+	/*
+	 * A snapshot maps nothing in the device, so it tracks collisions with
+	 * a notifier of its own rather than the mirror's.
+	 */
+	ret = dmirror_watch_insert(&snap, dmirror, range->start, range->end);
 	if (ret)
 		return ret;
 
@@ -1704,7 +1738,7 @@ static int dmirror_snapshot(struct dmirror *dmirror,
 		uptr += n;
 		cmd->cpages += n;
 	}
-	mmu_interval_notifier_remove(&snap.notifier);
+	mmu_interval_notifier_remove(&snap.mni);
 	return ret;
 }
 
