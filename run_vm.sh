@@ -651,7 +651,7 @@ report() {
 	fi
 	if [ "$QEMU_RC" = 124 ] || [ "$QEMU_RC" = 137 ]; then
 		running=$(grep -oE '^#  RUN +[^ ]+' "$RESULTS_LOG" | tail -n 1 |
-			  awk '{ print $3 }')
+			  awk '{ print $3 }' || true)
 		echo "not ok - timeout after ${opt_timeout}s while running ${running:-the command}"
 		fail=$((fail + 1))
 		code=1
