@@ -107,12 +107,15 @@
 #include <linux/highmem.h>
 #include <linux/hmm.h>
 #include <linux/hrtimer.h>
+#include <linux/huge_mm.h>
+#include <linux/ioport.h>
 #include <linux/init.h>
 #include <linux/kernel.h>
 #include <linux/kref.h>
 #include <linux/llist.h>
 #include <linux/log2.h>
 #include <linux/memremap.h>
+#include <linux/migrate.h>
 #include <linux/mm.h>
 #include <linux/mmu_notifier.h>
 #include <linux/module.h>
@@ -142,6 +145,10 @@
 
 #define DMIRROR_MAX_LEAF_SIZE		SZ_1G
 #define DMIRROR_MAX_FLUSH_LATENCY_NS	(100 * NSEC_PER_MSEC)
+
+/* Device memory: private chunks are added on demand, up to the limit. */
+#define DMIRROR_CHUNK_SIZE		SZ_64M
+#define DMIRROR_COHERENT_SIZE		SZ_256M
 
 /* Finish objects per device: invalidations one device can overlap. */
 #define DMIRROR_FLUSH_POOL		32
@@ -187,6 +194,11 @@ static unsigned long leaf_size = SZ_2M;
 module_param(leaf_size, ulong, 0444);
 MODULE_PARM_DESC(leaf_size,
 		 "Initial device page table leaf size in bytes (default 2 MiB)");
+
+static unsigned int device_memory_mb = 256;
+module_param(device_memory_mb, uint, 0444);
+MODULE_PARM_DESC(device_memory_mb,
+		 "Device-private memory of each device, in MiB, a multiple of 64 (default 256)");
 
 /**
  * struct dmirror_flush - a TLB flush of the emulated device
@@ -240,6 +252,10 @@ struct dmirror_device_stats {
  * @flush_busy: which of @flush_pool are in use
  * @flush_pool: finish objects of two-pass invalidations
  * @stats: counters
+ * @chunk_lock: serialises adding and removing chunks of device memory
+ * @mem_lock: protects @chunks and the chunks' allocation state
+ * @chunks: &struct dmirror_chunk of the device's memory
+ * @nr_chunks: number of chunks; under chunk_lock
  *
  * The address of this structure is the device's owner cookie: it is passed
  * as &hmm_range.dev_private_owner and to make_device_exclusive(), so that
@@ -258,6 +274,11 @@ struct dmirror_device {
 	struct dmirror_flush flush_pool[DMIRROR_FLUSH_POOL];
 
 	struct dmirror_device_stats stats;
+
+	struct mutex chunk_lock;	/* adding and removing chunks */
+	spinlock_t mem_lock;		/* chunk list and allocation state */
+	struct list_head chunks;
+	unsigned int nr_chunks;
 };
 
 static struct dmirror_device **dmirror_devices;
@@ -322,6 +343,8 @@ struct dmirror_leaf {
  * @closing: release() started, leaves are no longer queued for reaping
  * @reap_list: leaves an invalidation emptied
  * @reap_work: removes them with their notifiers
+ * @flags: HMM_DMIRROR_FLAG_* set with HMM_DMIRROR_FLAGS; bit 0 is taken
+ *	with test_and_clear_bit()
  */
 struct dmirror {
 	struct dmirror_device *mdevice;
@@ -339,6 +362,7 @@ struct dmirror {
 	bool closing;
 	struct llist_head reap_list;
 	struct work_struct reap_work;
+	unsigned long flags;
 };
 
 /**
@@ -1235,6 +1259,335 @@ static int dmirror_fault(struct dmirror *dmirror, unsigned long start,
 }
 
 /* ------------------------------------------------------------------------
+ * Device memory
+ */
+
+/**
+ * struct dmirror_chunk - a range of ZONE_DEVICE memory of one device
+ * @pagemap: the range and its type, private or coherent
+ * @mdevice: owning device
+ * @node: on &dmirror_device.chunks
+ * @first_pfn: first pfn of the range
+ * @npages: pages in the range
+ * @used: allocated pages, a bit per page; under &dmirror_device.mem_lock
+ * @nr_used: bits set in @used; under mem_lock
+ * @evicting: no allocation from this chunk; under mem_lock
+ * @backing: device-private only, the system page that stands in for the
+ *	device storage of each device page; NULL while the page is free
+ *
+ * A bitmap allocator serves both sizes the device hands out: a 4 KiB page is
+ * the first clear bit, a PMD-sized folio a clear aligned run, so small pages
+ * fill partly used blocks first and whole blocks stay available for THP.
+ */
+struct dmirror_chunk {
+	struct dev_pagemap pagemap;
+	struct dmirror_device *mdevice;
+	struct list_head node;
+	unsigned long first_pfn;
+	unsigned long npages;
+	unsigned long *used;
+	unsigned long nr_used;
+	bool evicting;
+	struct page **backing;
+};
+
+static const struct dev_pagemap_ops dmirror_devmem_ops;
+
+static struct dmirror_chunk *dmirror_page_chunk(struct page *page)
+{
+	return container_of(page_pgmap(page), struct dmirror_chunk, pagemap);
+}
+
+static bool dmirror_is_private(const struct dmirror_device *mdevice)
+{
+	return mdevice->mem_type == HMM_DMIRROR_MEMORY_DEVICE_PRIVATE;
+}
+
+/**
+ * dmirror_page_storage() - where the data of a mapped page lives
+ * @page: system, device-coherent or device-private page
+ *
+ * Return: @page itself when the CPU can address it, else the backing page
+ * standing in for the device-private storage.
+ */
+static struct page *dmirror_page_storage(struct page *page)
+{
+	struct dmirror_chunk *chunk;
+
+	if (!is_device_private_page(page))
+		return page;
+	chunk = dmirror_page_chunk(page);
+	return chunk->backing[page_to_pfn(page) - chunk->first_pfn];
+}
+
+static void dmirror_chunk_free(struct dmirror_chunk *chunk)
+{
+	kvfree(chunk->backing);
+	bitmap_free(chunk->used);
+	kfree(chunk);
+}
+
+/**
+ * dmirror_chunk_add() - give a device one more chunk of memory
+ * @mdevice: device
+ *
+ * Device-private chunks take a free physical address range; the coherent
+ * chunk is the range reserved at boot and passed as spm_addr_dev0/1.
+ *
+ * Context: chunk_lock held.
+ * Return: 0, -ENOSPC when the device is at its size limit, or an error of
+ * request_free_mem_region() or memremap_pages().
+ */
+static int dmirror_chunk_add(struct dmirror_device *mdevice)
+{
+	unsigned long size = dmirror_is_private(mdevice) ?
+			     DMIRROR_CHUNK_SIZE : DMIRROR_COHERENT_SIZE;
+	unsigned long max = dmirror_is_private(mdevice) ?
+			    device_memory_mb / (DMIRROR_CHUNK_SIZE >> 20) : 1;
+	struct dmirror_chunk *chunk;
+	struct resource *res = NULL;
+	void *addr;
+	int ret = -ENOMEM;
+
+	lockdep_assert_held(&mdevice->chunk_lock);
+	if (mdevice->nr_chunks >= max)
+		return -ENOSPC;
+
+	chunk = kzalloc_obj(*chunk);
+	if (!chunk)
+		return -ENOMEM;
+	chunk->mdevice = mdevice;
+	chunk->npages = size >> PAGE_SHIFT;
+	chunk->used = bitmap_zalloc(chunk->npages, GFP_KERNEL);
+	if (!chunk->used)
+		goto free;
+
+	if (dmirror_is_private(mdevice)) {
+		chunk->backing = kvcalloc(chunk->npages,
+					  sizeof(*chunk->backing), GFP_KERNEL);
+		if (!chunk->backing)
+			goto free;
+		res = request_free_mem_region(&iomem_resource, size,
+					      "hmm_dmirror");
+		if (IS_ERR(res)) {
+			ret = PTR_ERR(res);
+			goto free;
+		}
+		chunk->pagemap.type = MEMORY_DEVICE_PRIVATE;
+		chunk->pagemap.range.start = res->start;
+	} else {
+		chunk->pagemap.type = MEMORY_DEVICE_COHERENT;
+		chunk->pagemap.range.start =
+			mdevice->id == DMIRROR_FIRST_COHERENT ? spm_addr_dev0 :
+								spm_addr_dev1;
+	}
+	chunk->pagemap.range.end = chunk->pagemap.range.start + size - 1;
+	chunk->pagemap.nr_range = 1;
+	chunk->pagemap.ops = &dmirror_devmem_ops;
+	chunk->pagemap.owner = mdevice;
+	chunk->first_pfn = PHYS_PFN(chunk->pagemap.range.start);
+
+	addr = memremap_pages(&chunk->pagemap, numa_node_id());
+	if (IS_ERR(addr)) {
+		ret = PTR_ERR(addr);
+		goto release;
+	}
+
+	spin_lock(&mdevice->mem_lock);
+	list_add_tail(&chunk->node, &mdevice->chunks);
+	spin_unlock(&mdevice->mem_lock);
+	mdevice->nr_chunks++;
+	return 0;
+
+release:
+	if (res)
+		release_mem_region(res->start, size);
+free:
+	dmirror_chunk_free(chunk);
+	return ret;
+}
+
+/**
+ * dmirror_chunk_take() - reserve device pages in one chunk
+ * @chunk: chunk
+ * @order: 0 or the PMD order
+ *
+ * Context: mem_lock held.
+ * Return: the first pfn, or 0 if the chunk has no room.
+ */
+static unsigned long dmirror_chunk_take(struct dmirror_chunk *chunk,
+					unsigned int order)
+{
+	unsigned long nr = 1UL << order, idx;
+
+	lockdep_assert_held(&chunk->mdevice->mem_lock);
+	if (chunk->evicting)
+		return 0;
+	idx = bitmap_find_next_zero_area(chunk->used, chunk->npages, 0, nr,
+					 nr - 1);
+	if (idx >= chunk->npages)
+		return 0;
+	bitmap_set(chunk->used, idx, nr);
+	chunk->nr_used += nr;
+	return chunk->first_pfn + idx;
+}
+
+/* Reserve pages in the first chunk with room; *chunkp says which. */
+static unsigned long dmirror_devmem_take(struct dmirror_device *mdevice,
+					 unsigned int order,
+					 struct dmirror_chunk **chunkp)
+{
+	struct dmirror_chunk *chunk;
+	unsigned long pfn = 0;
+
+	spin_lock(&mdevice->mem_lock);
+	list_for_each_entry(chunk, &mdevice->chunks, node) {
+		pfn = dmirror_chunk_take(chunk, order);
+		if (pfn) {
+			*chunkp = chunk;
+			break;
+		}
+	}
+	spin_unlock(&mdevice->mem_lock);
+	return pfn;
+}
+
+static void dmirror_devmem_give(struct dmirror_chunk *chunk,
+				unsigned long pfn, unsigned int order)
+{
+	struct dmirror_device *mdevice = chunk->mdevice;
+	unsigned long flags;
+
+	spin_lock_irqsave(&mdevice->mem_lock, flags);
+	bitmap_clear(chunk->used, pfn - chunk->first_pfn, 1UL << order);
+	chunk->nr_used -= 1UL << order;
+	spin_unlock_irqrestore(&mdevice->mem_lock, flags);
+}
+
+/**
+ * dmirror_backing_alloc() - emulated device storage for new device pages
+ * @chunk: device-private chunk
+ * @pfn: first device pfn
+ * @order: 0 or the PMD order
+ *
+ * Backing pages are order-0 pages, so that a device folio can be split
+ * without touching them; a large folio gets a contiguous run when one is
+ * free, which keeps copies of it fast.
+ *
+ * Return: 0 or -ENOMEM.
+ */
+static int dmirror_backing_alloc(struct dmirror_chunk *chunk,
+				 unsigned long pfn, unsigned int order)
+{
+	unsigned long i, nr = 1UL << order, idx = pfn - chunk->first_pfn;
+	struct page *page;
+
+	page = alloc_pages(GFP_HIGHUSER | __GFP_NOWARN, order);
+	if (page) {
+		split_page(page, order);
+		for (i = 0; i < nr; i++)
+			chunk->backing[idx + i] = page + i;
+		return 0;
+	}
+	for (i = 0; i < nr; i++) {
+		chunk->backing[idx + i] = alloc_page(GFP_HIGHUSER);
+		if (!chunk->backing[idx + i])
+			goto undo;
+	}
+	return 0;
+
+undo:
+	while (i--) {
+		__free_page(chunk->backing[idx + i]);
+		chunk->backing[idx + i] = NULL;
+	}
+	return -ENOMEM;
+}
+
+static void dmirror_backing_free(struct dmirror_chunk *chunk,
+				 unsigned long pfn, unsigned int order)
+{
+	unsigned long i, idx = pfn - chunk->first_pfn;
+
+	if (!chunk->backing)
+		return;
+	for (i = 0; i < (1UL << order); i++) {
+		__free_page(chunk->backing[idx + i]);
+		chunk->backing[idx + i] = NULL;
+	}
+}
+
+/**
+ * dmirror_devmem_alloc() - allocate a device folio
+ * @mdevice: device
+ * @order: 0 or the PMD order
+ *
+ * Adds a chunk when every chunk is full, up to the device's size limit.
+ *
+ * Return: the folio, locked and referenced as migrate_vma_pages() wants its
+ * destinations, or NULL when the device is out of memory.
+ */
+static struct folio *dmirror_devmem_alloc(struct dmirror_device *mdevice,
+					  unsigned int order)
+{
+	struct dmirror_chunk *chunk = NULL;
+	unsigned long pfn;
+	struct page *page;
+
+	pfn = dmirror_devmem_take(mdevice, order, &chunk);
+	if (!pfn) {
+		mutex_lock(&mdevice->chunk_lock);
+		pfn = dmirror_devmem_take(mdevice, order, &chunk);
+		if (!pfn && !dmirror_chunk_add(mdevice))
+			pfn = dmirror_devmem_take(mdevice, order, &chunk);
+		mutex_unlock(&mdevice->chunk_lock);
+		if (!pfn)
+			return NULL;
+	}
+
+	if (chunk->backing && dmirror_backing_alloc(chunk, pfn, order)) {
+		dmirror_devmem_give(chunk, pfn, order);
+		return NULL;
+	}
+	page = pfn_to_page(pfn);
+	zone_device_page_init(page, &chunk->pagemap, order);
+	if (order)
+		folio_set_large_rmappable(page_folio(page));
+	return page_folio(page);
+}
+
+/**
+ * dmirror_devmem_folio_free() - &dev_pagemap_ops.folio_free
+ * @folio: device folio whose last reference went
+ *
+ * May run in any context that drops a page reference.
+ */
+static void dmirror_devmem_folio_free(struct folio *folio)
+{
+	struct dmirror_chunk *chunk = dmirror_page_chunk(&folio->page);
+	unsigned int order = folio_order(folio);
+
+	dmirror_backing_free(chunk, folio_pfn(folio), order);
+	dmirror_devmem_give(chunk, folio_pfn(folio), order);
+}
+
+/**
+ * dmirror_devmem_folio_split() - &dev_pagemap_ops.folio_split
+ * @head: folio being split
+ * @tail: a new folio split off it, or NULL when the split is done
+ *
+ * Backing storage is kept per page, so only the new folio's pagemap and
+ * mapping need setting.
+ */
+static void dmirror_devmem_folio_split(struct folio *head, struct folio *tail)
+{
+	if (!tail)
+		return;
+	tail->pgmap = head->pgmap;
+	tail->page.mapping = head->page.mapping;
+}
+
+/* ------------------------------------------------------------------------
  * Device access: READ, WRITE, READ_UNLOCKED
  */
 
@@ -1266,7 +1619,8 @@ static unsigned long dmirror_copy_mapped(struct dmirror *dmirror,
 			break;
 		if (write && !(pte & DMIRROR_PTE_WRITE))
 			break;
-		page = pfn_to_page(pte >> DMIRROR_PTE_PFN_SHIFT);
+		page = dmirror_page_storage(pfn_to_page(pte >>
+							DMIRROR_PTE_PFN_SHIFT));
 		if (write)
 			memcpy_to_page(page, 0, bounce, PAGE_SIZE);
 		else
@@ -1365,6 +1719,414 @@ static int dmirror_access(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
 		cmd->cpages += len >> PAGE_SHIFT;
 	}
 	kvfree(bounce);
+	return ret;
+}
+
+/* ------------------------------------------------------------------------
+ * Migration
+ */
+
+/* Whether the device takes migrations of large folios as large folios. */
+static bool dmirror_want_large(unsigned long src)
+{
+	return thp_migration_supported() && (src & MIGRATE_PFN_COMPOUND);
+}
+
+static bool dmirror_fail_alloc(struct dmirror *dmirror)
+{
+	return test_and_clear_bit(0, &dmirror->flags);
+}
+
+static void dmirror_copy_in(struct page *dpage, struct page *spage)
+{
+	struct page *to = dmirror_page_storage(dpage);
+
+	if (spage)
+		copy_highpage(to, spage);
+	else
+		clear_highpage(to);
+}
+
+/**
+ * dmirror_migrate_alloc_to_dev() - fill the destinations of a migration
+ * @dmirror: mirror asking, for the one-shot allocation failure flag
+ * @args: migrate_vma_setup() output
+ *
+ * A large source gets a large device folio when the device has one, else
+ * 4 KiB device pages (migrate_vma_pages() then splits the source). A source
+ * that finds no device memory stays where it is. An empty source (a hole or
+ * the zero page) becomes zeroed device memory.
+ */
+static void dmirror_migrate_alloc_to_dev(struct dmirror *dmirror,
+					 struct migrate_vma *args)
+{
+	struct dmirror_device *mdevice = dmirror->mdevice;
+	unsigned long i = 0, j, nr;
+
+	while (i < args->npages) {
+		unsigned long src = args->src[i];
+		struct page *spage = migrate_pfn_to_page(src);
+		unsigned long write = src & MIGRATE_PFN_WRITE;
+		struct folio *dfolio = NULL;
+
+		nr = 1;
+		if (dmirror_want_large(src))
+			nr = spage ? folio_nr_pages(page_folio(spage)) :
+				     HPAGE_PMD_NR;
+		if (!(src & MIGRATE_PFN_MIGRATE)) {
+			i += nr;
+			continue;
+		}
+		if (nr > 1 && !dmirror_fail_alloc(dmirror))
+			dfolio = dmirror_devmem_alloc(mdevice, ilog2(nr));
+		if (dfolio) {
+			args->dst[i] = migrate_pfn(folio_pfn(dfolio)) | write |
+				       MIGRATE_PFN_COMPOUND;
+			for (j = 0; j < nr; j++)
+				dmirror_copy_in(folio_page(dfolio, j),
+						spage ? spage + j : NULL);
+			i += nr;
+			continue;
+		}
+		/* One page at a time: a large source is split. */
+		for (j = 0; j < nr && i + j < args->npages; j++) {
+			dfolio = dmirror_devmem_alloc(mdevice, 0);
+			if (!dfolio)
+				break;
+			args->dst[i + j] = migrate_pfn(folio_pfn(dfolio)) |
+					   write;
+			dmirror_copy_in(&dfolio->page, spage ? spage + j : NULL);
+		}
+		i += nr;
+	}
+}
+
+/**
+ * dmirror_migrate_alloc_to_sys() - fill the destinations of a migration back
+ * @args: migrate_vma_setup() or migrate_device_range() output
+ * @vma: VMA for NUMA placement, NULL when evicting without one
+ * @fail_large: allocate 4 KiB pages even for large sources (one-shot flag)
+ *
+ * Memory comes from the node the VMA's memory policy chooses. A large
+ * source whose large allocation fails falls back to 4 KiB pages, except on
+ * eviction (no VMA), which migrate_device_pages() only takes whole.
+ *
+ * Return: 0, or -ENOMEM if a page could not be allocated at all; that page
+ * stays in device memory.
+ */
+static int dmirror_migrate_alloc_to_sys(struct migrate_vma *args,
+					struct vm_area_struct *vma,
+					bool fail_large)
+{
+	unsigned long i = 0, j, nr;
+	int ret = 0;
+
+	while (i < args->npages) {
+		unsigned long src = args->src[i];
+		struct page *spage = migrate_pfn_to_page(src);
+		unsigned long addr = args->start + i * PAGE_SIZE;
+		unsigned long write = src & MIGRATE_PFN_WRITE;
+		struct folio *folio = NULL;
+		unsigned int order;
+
+		if (!spage || !(src & MIGRATE_PFN_MIGRATE)) {
+			i++;
+			continue;
+		}
+		order = folio_order(page_folio(spage));
+		nr = 1UL << order;
+		if (order && !fail_large)
+			folio = vma ? vma_alloc_folio(GFP_HIGHUSER_MOVABLE, order,
+						      vma, addr) :
+				      folio_alloc(GFP_HIGHUSER_MOVABLE, order);
+		if (folio) {
+			folio_lock(folio);
+			args->dst[i] = migrate_pfn(folio_pfn(folio)) | write |
+				       MIGRATE_PFN_COMPOUND;
+			for (j = 0; j < nr; j++)
+				copy_highpage(folio_page(folio, j),
+					      dmirror_page_storage(spage + j));
+			i += nr;
+			continue;
+		}
+		for (j = 0; j < nr && (vma || !order); j++) {
+			struct page *page = vma ?
+				alloc_page_vma(GFP_HIGHUSER_MOVABLE, vma,
+					       addr + j * PAGE_SIZE) :
+				alloc_page(GFP_HIGHUSER_MOVABLE);
+
+			if (!page)
+				break;
+			lock_page(page);
+			args->dst[i + j] = migrate_pfn(page_to_pfn(page)) | write;
+			copy_highpage(page, dmirror_page_storage(spage + j));
+		}
+		if (j < nr)
+			ret = -ENOMEM;
+		i += nr;
+	}
+	return ret;
+}
+
+/*
+ * Pages migrate_vma_pages() moved: a large destination stands for all of
+ * its pages, whose other entries are empty.
+ */
+static unsigned long dmirror_migrated(const struct migrate_vma *args)
+{
+	unsigned long i, n = 0;
+
+	for (i = 0; i < args->npages; i++) {
+		unsigned long dst = args->dst[i];
+
+		if (!(args->src[i] & MIGRATE_PFN_MIGRATE) || !dst)
+			continue;
+		n += (dst & MIGRATE_PFN_COMPOUND) ?
+		     folio_nr_pages(page_folio(migrate_pfn_to_page(dst))) : 1;
+	}
+	return n;
+}
+
+static unsigned long dmirror_select_device(struct dmirror_device *mdevice)
+{
+	return dmirror_is_private(mdevice) ?
+	       MIGRATE_VMA_SELECT_DEVICE_PRIVATE :
+	       MIGRATE_VMA_SELECT_DEVICE_COHERENT;
+}
+
+/**
+ * dmirror_migrate_batch() - migrate one batch of a VMA
+ * @dmirror: mirror
+ * @args: vma, start, end and the arrays set; flags set by the caller
+ * @to_dev: direction
+ *
+ * Context: mmap lock held for read.
+ * Return: pages migrated, or a negative errno.
+ */
+static long dmirror_migrate_batch(struct dmirror *dmirror,
+				  struct migrate_vma *args, bool to_dev)
+{
+	long ret;
+
+	args->pgmap_owner = dmirror->mdevice;
+	ret = migrate_vma_setup(args);
+	if (ret)
+		return ret;
+	memset(args->dst, 0, args->npages * sizeof(*args->dst));
+	if (to_dev)
+		dmirror_migrate_alloc_to_dev(dmirror, args);
+	else if (dmirror_migrate_alloc_to_sys(args, args->vma,
+					      dmirror_fail_alloc(dmirror)))
+		ret = -ENOMEM;
+	migrate_vma_pages(args);
+	if (!ret)
+		ret = dmirror_migrated(args);
+	migrate_vma_finalize(args);
+	return ret;
+}
+
+/**
+ * dmirror_migrate() - HMM_DMIRROR_MIGRATE_TO_DEV and _TO_SYS
+ * @dmirror: mirror
+ * @cmd: the request; cpages gets the number of pages moved
+ * @range: the range of @cmd
+ * @to_dev: direction
+ *
+ * Migrates in PMD-aligned batches, so that huge pages move whole. Migration
+ * to the device then reads the range through the device, as the kernel's
+ * own driver does, so @cmd->ptr receives the data.
+ *
+ * Return: 0; -EFAULT for a hole or memory without read access in the range;
+ * -ENOENT for shared memory, which cannot move to device-private memory;
+ * -ENOMEM.
+ */
+static int dmirror_migrate(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
+			   const struct dmirror_range *range, bool to_dev)
+{
+	struct mm_struct *mm = dmirror->mm;
+	struct migrate_vma args = {};
+	unsigned long addr, moved = 0;
+	unsigned long *pfns;
+	long ret = 0;
+
+	pfns = kvcalloc(2 * HPAGE_PMD_NR, sizeof(*pfns), GFP_KERNEL);
+	if (!pfns)
+		return -ENOMEM;
+	args.src = pfns;
+	args.dst = pfns + HPAGE_PMD_NR;
+	args.flags = (to_dev ? MIGRATE_VMA_SELECT_SYSTEM :
+			       dmirror_select_device(dmirror->mdevice)) |
+		     MIGRATE_VMA_SELECT_COMPOUND;
+
+	mmap_read_lock(mm);
+	for (addr = range->start; addr < range->end; addr = args.end) {
+		args.vma = vma_lookup(mm, addr);
+		if (!args.vma || !(args.vma->vm_flags & VM_READ)) {
+			ret = -EFAULT;
+			break;
+		}
+		if (to_dev && (args.vma->vm_flags & VM_SHARED)) {
+			ret = -ENOENT;
+			break;
+		}
+		args.start = addr;
+		args.end = min3(range->end, args.vma->vm_end,
+				ALIGN(addr + 1, HPAGE_PMD_SIZE));
+		ret = dmirror_migrate_batch(dmirror, &args, to_dev);
+		if (ret < 0)
+			break;
+		moved += ret;
+		ret = 0;
+	}
+	mmap_read_unlock(mm);
+	kvfree(pfns);
+	if (ret)
+		return ret;
+
+	if (to_dev) {
+		struct hmm_dmirror_cmd readback = *cmd;
+
+		ret = dmirror_access(dmirror, &readback, range, false, false);
+		cmd->faults = readback.faults;
+	}
+	cmd->cpages = moved;
+	return ret;
+}
+
+/**
+ * dmirror_devmem_migrate_to_ram() - &dev_pagemap_ops.migrate_to_ram
+ * @vmf: CPU fault on a device-private page
+ *
+ * Moves the faulting page, or its whole folio when a PMD maps it, back to
+ * system memory. Only the device (the pagemap owner) is needed, never a
+ * mirror: a file may be closed, and its mirror freed, while its pages stay
+ * in device memory.
+ *
+ * Return: 0, VM_FAULT_OOM or VM_FAULT_SIGBUS.
+ */
+static vm_fault_t dmirror_devmem_migrate_to_ram(struct vm_fault *vmf)
+{
+	struct folio *folio = page_folio(vmf->page);
+	struct dmirror_device *mdevice = dmirror_page_chunk(vmf->page)->mdevice;
+	unsigned int order = vmf->pte ? 0 : folio_order(folio);
+	unsigned long nr = 1UL << order;
+	struct migrate_vma args = {
+		.vma = vmf->vma,
+		.start = ALIGN_DOWN(vmf->address, PAGE_SIZE << order),
+		.pgmap_owner = mdevice,
+		.flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE |
+			 (order ? MIGRATE_VMA_SELECT_COMPOUND : 0),
+		.fault_page = vmf->page,
+	};
+	vm_fault_t ret = 0;
+
+	args.end = args.start + (PAGE_SIZE << order);
+	args.src = kcalloc(nr, sizeof(*args.src), GFP_KERNEL);
+	args.dst = kcalloc(nr, sizeof(*args.dst), GFP_KERNEL);
+	if (!args.src || !args.dst) {
+		ret = VM_FAULT_OOM;
+		goto out;
+	}
+	if (migrate_vma_setup(&args)) {
+		ret = VM_FAULT_SIGBUS;
+		goto out;
+	}
+	if (dmirror_migrate_alloc_to_sys(&args, args.vma, false))
+		ret = VM_FAULT_OOM;
+	migrate_vma_pages(&args);
+	migrate_vma_finalize(&args);
+out:
+	kfree(args.src);
+	kfree(args.dst);
+	return ret;
+}
+
+static const struct dev_pagemap_ops dmirror_devmem_ops = {
+	.folio_free	= dmirror_devmem_folio_free,
+	.migrate_to_ram	= dmirror_devmem_migrate_to_ram,
+	.folio_split	= dmirror_devmem_folio_split,
+};
+
+/**
+ * dmirror_chunk_evict() - move every page of a chunk back to system memory
+ * @chunk: chunk, marked evicting
+ *
+ * Works on physical pages, whoever maps them, with migrate_device_range().
+ *
+ * Return: 0 or -ENOMEM.
+ */
+static int dmirror_chunk_evict(struct dmirror_chunk *chunk)
+{
+	struct migrate_vma args = { .npages = chunk->npages };
+	int ret = -ENOMEM;
+
+	args.src = kvcalloc(chunk->npages, sizeof(*args.src), GFP_KERNEL);
+	args.dst = kvcalloc(chunk->npages, sizeof(*args.dst), GFP_KERNEL);
+	if (!args.src || !args.dst)
+		goto out;
+	ret = migrate_device_range(args.src, chunk->first_pfn, chunk->npages);
+	if (ret)
+		goto out;
+	ret = dmirror_migrate_alloc_to_sys(&args, NULL, false);
+	migrate_device_pages(args.src, args.dst, chunk->npages);
+	migrate_device_finalize(args.src, args.dst, chunk->npages);
+out:
+	kvfree(args.src);
+	kvfree(args.dst);
+	return ret;
+}
+
+static void dmirror_chunk_remove(struct dmirror_chunk *chunk)
+{
+	struct dmirror_device *mdevice = chunk->mdevice;
+
+	spin_lock(&mdevice->mem_lock);
+	list_del(&chunk->node);
+	spin_unlock(&mdevice->mem_lock);
+	mdevice->nr_chunks--;
+	memunmap_pages(&chunk->pagemap);
+	if (chunk->pagemap.type == MEMORY_DEVICE_PRIVATE)
+		release_mem_region(chunk->pagemap.range.start,
+				   range_len(&chunk->pagemap.range));
+	dmirror_chunk_free(chunk);
+}
+
+/**
+ * dmirror_devmem_release() - HMM_DMIRROR_RELEASE: evict all device memory
+ * @mdevice: device
+ *
+ * Processes keep running with their data moved back to system memory; the
+ * chunks are given back. A chunk with a page that could not move (pinned,
+ * or no system memory) stays.
+ *
+ * Return: 0, or -EBUSY if a chunk stayed.
+ */
+static int dmirror_devmem_release(struct dmirror_device *mdevice)
+{
+	struct dmirror_chunk *chunk, *next;
+	int ret = 0;
+
+	mutex_lock(&mdevice->chunk_lock);
+	list_for_each_entry_safe(chunk, next, &mdevice->chunks, node) {
+		bool empty;
+
+		spin_lock(&mdevice->mem_lock);
+		chunk->evicting = true;
+		spin_unlock(&mdevice->mem_lock);
+
+		dmirror_chunk_evict(chunk);
+
+		spin_lock(&mdevice->mem_lock);
+		empty = !chunk->nr_used;
+		if (!empty)
+			chunk->evicting = false;
+		spin_unlock(&mdevice->mem_lock);
+		if (empty)
+			dmirror_chunk_remove(chunk);
+		else
+			ret = -EBUSY;
+	}
+	mutex_unlock(&mdevice->chunk_lock);
 	return ret;
 }
 
@@ -1893,12 +2655,32 @@ static long dmirror_ioctl_mm(struct dmirror *dmirror, unsigned int command,
 	case HMM_DMIRROR_CHECK_EXCLUSIVE:
 		ret = dmirror_check_exclusive(dmirror, &range);
 		break;
+	case HMM_DMIRROR_MIGRATE_TO_DEV:
+		ret = dmirror_migrate(dmirror, cmd, &range, true);
+		break;
+	case HMM_DMIRROR_MIGRATE_TO_SYS:
+		ret = dmirror_migrate(dmirror, cmd, &range, false);
+		break;
 	default:
 		ret = -ENOTTY;
 		break;
 	}
 	mmput(mm);
 	return ret;
+}
+
+/* HMM_DMIRROR_FLAGS: the new flags are in npages, as upstream. */
+static long dmirror_set_flags(struct dmirror *dmirror,
+			      struct hmm_dmirror_cmd __user *ucmd)
+{
+	struct hmm_dmirror_cmd cmd;
+
+	if (copy_from_user(&cmd, ucmd, sizeof(cmd)))
+		return -EFAULT;
+	if (cmd.npages & ~HMM_DMIRROR_FLAG_FAIL_ALLOC)
+		return -EINVAL;
+	WRITE_ONCE(dmirror->flags, cmd.npages);
+	return 0;
 }
 
 static long dmirror_ioctl_cmd(struct dmirror *dmirror, unsigned int command,
@@ -1936,7 +2718,13 @@ static long dmirror_fops_unlocked_ioctl(struct file *filp, unsigned int command,
 	case HMM_DMIRROR_SNAPSHOT:
 	case HMM_DMIRROR_EXCLUSIVE:
 	case HMM_DMIRROR_CHECK_EXCLUSIVE:
+	case HMM_DMIRROR_MIGRATE_TO_DEV:
+	case HMM_DMIRROR_MIGRATE_TO_SYS:
 		return dmirror_ioctl_cmd(dmirror, command, uarg);
+	case HMM_DMIRROR_RELEASE:
+		return dmirror_devmem_release(mdevice);
+	case HMM_DMIRROR_FLAGS:
+		return dmirror_set_flags(dmirror, uarg);
 	case HMM_DMIRROR_STATS:
 		dmirror_stats_read(dmirror, &stats);
 		return copy_to_user(uarg, &stats, sizeof(stats)) ? -EFAULT : 0;
@@ -2099,6 +2887,9 @@ static int dmirror_device_add(unsigned int id,
 	mdevice->id = id;
 	mdevice->mem_type = mem_type;
 	spin_lock_init(&mdevice->lock);
+	mutex_init(&mdevice->chunk_lock);
+	spin_lock_init(&mdevice->mem_lock);
+	INIT_LIST_HEAD(&mdevice->chunks);
 	dmirror_device_init_settings(mdevice);
 	for (i = 0; i < DMIRROR_FLUSH_POOL; i++)
 		dmirror_flush_init(&mdevice->flush_pool[i], mdevice);
@@ -2122,13 +2913,23 @@ static int dmirror_device_add(unsigned int id,
 
 /*
  * Every file of the device is closed, so no flush is pending; cancelling the
- * timers waits for callbacks that may still be returning.
+ * timers waits for callbacks that may still be returning. Processes may
+ * still map device memory: it is evicted to system memory first, and
+ * memunmap_pages() waits for any page that could not move.
  */
 static void dmirror_device_remove(struct dmirror_device *mdevice)
 {
+	struct dmirror_chunk *chunk, *next;
 	unsigned int i;
 
 	cdev_device_del(&mdevice->cdev, &mdevice->dev);
+	if (dmirror_devmem_release(mdevice))
+		pr_warn("test_hmm: device %u: pages pinned in device memory\n",
+			mdevice->id);
+	mutex_lock(&mdevice->chunk_lock);
+	list_for_each_entry_safe(chunk, next, &mdevice->chunks, node)
+		dmirror_chunk_remove(chunk);
+	mutex_unlock(&mdevice->chunk_lock);
 	for (i = 0; i < DMIRROR_FLUSH_POOL; i++)
 		hrtimer_cancel(&mdevice->flush_pool[i].timer);
 	put_device(&mdevice->dev);
