@@ -58,6 +58,21 @@
  * Device accesses read device PTEs under the mirror's pt_lock, so a cleared
  * PTE is never used again even before its flush completes; the engine models
  * the time a real device needs, and the protocol a real driver must follow.
+ *
+ * Device memory. Each device owns ZONE_DEVICE memory in chunks: device
+ * private chunks of 64 MiB are created with memremap_pages() when the device
+ * first runs out, up to device_memory_mb; the coherent devices own the range
+ * reserved at boot. A bitmap per chunk hands out 4 KiB pages and PMD-sized
+ * folios. The CPU cannot address device-private memory, so each such page
+ * has an order-0 system page standing in for its storage.
+ *
+ * Migration. HMM_DMIRROR_MIGRATE_TO_DEV and _TO_SYS move memory with
+ * migrate_vma_setup() / _pages() / _finalize(), large folios as large folios
+ * when both sides have them. A CPU fault on a device-private page migrates
+ * it back through &dev_pagemap_ops.migrate_to_ram; HMM_DMIRROR_RELEASE and
+ * module unload evict whole chunks with migrate_device_range(). Device pages
+ * refer to their device (the pagemap owner), never to a mirror, so a file
+ * can be closed while its memory stays on the device.
  */
 
 /**
@@ -95,7 +110,12 @@
  * pool of finish objects; it is taken from invalidation callbacks that may
  * not sleep.
  *
- * Lock order: leaf_lock -> mmap_lock -> folio lock -> pt_lock -> device lock.
+ * &dmirror_device.chunk_lock (a mutex) serialises adding and evicting chunks
+ * of device memory; &dmirror_device.mem_lock (a spinlock, irq-safe where a
+ * folio is freed) protects the chunk list and the allocation bitmaps.
+ *
+ * Lock order: leaf_lock -> mmap_lock -> folio lock -> pt_lock -> device lock;
+ * mmap_lock -> folio lock -> chunk_lock -> mem_lock.
  */
 
 #include <linux/atomic.h>

@@ -51,7 +51,11 @@ struct hmm_dmirror_cmd {
  * faulting them in for write. -EPERM when the mapping is read-only.
  *
  * HMM_DMIRROR_MIGRATE_TO_DEV / HMM_DMIRROR_MIGRATE_TO_SYS: move the range to
- * the device's memory, or back to system memory.
+ * the device's memory, or back to system memory; @cpages counts the pages
+ * moved, fewer when the device runs out of memory. Migration to the device
+ * then reads the range through the device into @ptr. -EFAULT for a hole or
+ * memory without read access in the range, -ENOENT for shared memory, which
+ * cannot move to device memory.
  *
  * HMM_DMIRROR_SNAPSHOT: write to @ptr one byte per page describing how the
  * CPU page table maps it right now (enum hmm_dmirror_prot), without faulting.
@@ -60,7 +64,8 @@ struct hmm_dmirror_cmd {
  * HMM_DMIRROR_CHECK_EXCLUSIVE: -EPERM if any page is still mapped for atomic
  * access, i.e. the CPU did not revoke it.
  *
- * HMM_DMIRROR_RELEASE: evict all of the device's memory back to the system.
+ * HMM_DMIRROR_RELEASE: evict all of the device's memory back to the system,
+ * whoever uses it; -EBUSY if a page could not move (its chunk stays).
  *
  * HMM_DMIRROR_FLAGS: set the device flags (HMM_DMIRROR_FLAG_*) to @npages.
  *
