@@ -58,7 +58,9 @@ Options:
   --tests PATTERN      run only tests whose kselftest name
                        (fixture.variant.test) matches this extended regex
   --upstream-driver    load the kernel tree's own test_hmm.ko instead of ours
-  --bench              run the benchmark (hmm-bench) instead of the suite
+  --bench              run the benchmark (hmm-bench) instead of the suite;
+                       with --upstream-driver, also the tree's driver, in
+                       the same boot
   --exec 'CMD'         run CMD in the guest (driver loaded) instead of the suite
   --add FILE           copy FILE into the guest's /add (on PATH); repeatable
   --timeout SECONDS    wall-clock limit for boot and tests (default $opt_timeout)
@@ -120,9 +122,17 @@ parse_args() {
 	[[ $opt_timeout =~ ^[1-9][0-9]*$ ]] || die 2 "--timeout wants seconds"
 	if [ "$opt_bench" = 1 ]; then
 		[ -z "$opt_exec" ] || die 2 "--bench and --exec do not go together"
-		[ "$opt_upstream" = 0 ] ||
-			die 2 "--bench measures this driver's two-pass invalidation; the upstream driver has none"
 		opt_exec=hmm-bench
+		# Both drivers in one boot: ours first, then the tree's.
+		if [ "$opt_upstream" = 1 ]; then
+			opt_upstream=0
+			opt_exec="echo '# test_hmm: this repository'; hmm-bench &&
+modprobe -r test_hmm &&
+insmod /add/test_hmm_upstream.ko spm_addr_dev0=$SPM_ADDR0 spm_addr_dev1=$SPM_ADDR1 &&
+echo '# test_hmm: the kernel tree (upstream)' && hmm-bench -M &&
+rmmod test_hmm && modprobe test_hmm spm_addr_dev0=$SPM_ADDR0 spm_addr_dev1=$SPM_ADDR1"
+			opt_bench=2
+		fi
 	fi
 	if [ -n "$opt_tests" ] && [ -n "$opt_exec" ]; then
 		die 2 "--tests goes with neither --exec nor --bench"
@@ -540,6 +550,9 @@ pack() {
 		cp "$f" "$root/add/"
 	done
 	printf '%s\n' "$opt_exec" >"$root/add/.exec"
+	if [ "$opt_bench" = 2 ]; then
+		cp "$KBUILD/lib/test_hmm.ko" "$root/add/test_hmm_upstream.ko"
+	fi
 	write_init "$harness_args" >"$root/init"
 	chmod +x "$root/init"
 	INITRD=$CACHE/run/$BUILD_NAME/initramfs.cpio.gz

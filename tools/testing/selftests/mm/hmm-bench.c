@@ -13,7 +13,12 @@
  * and of the notifier calls, so that (two-pass - fixed) / L shows how much
  * of one flush latency two-pass invalidation costs.
  *
- * Usage: hmm-bench [-l latency_us]... [-r runs]   (root, test_hmm loaded)
+ * It first measures migration throughput to device-private memory and back,
+ * with 4 KiB pages and with THP, using only the kernel's own ioctls, so that
+ * the same program measures the kernel's own test_hmm driver too.
+ *
+ * Usage: hmm-bench [-M] [-l latency_us]... [-r runs]   (root, test_hmm loaded)
+ * -M: migration only.
  * Default: tables at L = 200 us (the driver's default) and 2000 us.
  * run_vm.sh --bench runs it in the QEMU guest.
  */
@@ -32,6 +37,7 @@
 #include <lib/test_hmm_uapi.h>
 
 #define BENCH_PAGES		16
+#define ARRAY_SIZE(a)		(sizeof(a) / sizeof((a)[0]))
 #define BENCH_MAX_DEVICES	8
 
 /* Device-private devices: 0 and 1, then 4 and up (2 and 3 are coherent). */
@@ -138,6 +144,127 @@ static double bench_config(int ndev, __u32 invalidation, __u64 latency_ns,
 	return median;
 }
 
+/* ------------------------------------------------------------------------
+ * Migration throughput
+ */
+
+#define MIG_RUNS		5
+#define MIG_THP_SIZE		(2UL << 20)
+
+static const unsigned long mig_sizes_mb[] = { 2, 8, 32, 64 };
+
+static int mig_cmd(int fd, unsigned long req, void *addr, void *ptr,
+		   unsigned long npages)
+{
+	struct hmm_dmirror_cmd cmd = {
+		.addr = (__u64)(unsigned long)addr,
+		.ptr = (__u64)(unsigned long)ptr,
+		.npages = npages,
+	};
+
+	if (ioctl(fd, req, &cmd))
+		return -errno;
+	/* Reported, not fatal: the point is to compare drivers. */
+	if (cmd.cpages != npages)
+		printf("# note: %s reported %llu of %lu pages moved\n",
+		       req == HMM_DMIRROR_MIGRATE_TO_DEV ? "to device" : "to system",
+		       (unsigned long long)cmd.cpages, npages);
+	return 0;
+}
+
+/* Map @size bytes aligned to 2 MiB, THP or 4 KiB pages, filled. */
+static char *mig_map(size_t size, int thp, void **raw)
+{
+	char *p = mmap(NULL, size + MIG_THP_SIZE, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	if (p == MAP_FAILED) {
+		perror("mmap");
+		exit(1);
+	}
+	*raw = p;
+	p = (char *)(((unsigned long)p + MIG_THP_SIZE - 1) &
+		     ~(MIG_THP_SIZE - 1));
+	madvise(p, size, thp ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+	memset(p, 0x3c, size);
+	return p;
+}
+
+/*
+ * Median MiB/s of moving @size bytes to the device (@out[0]) and back
+ * (@out[1]), with THP or with 4 KiB pages.
+ */
+static int mig_measure(int fd, size_t size, int thp, double out[2])
+{
+	double to_dev[MIG_RUNS], to_sys[MIG_RUNS], t0;
+	unsigned long npages = size / getpagesize();
+	char *mirror = malloc(size);
+	int i, ret = 0;
+
+	if (!mirror)
+		exit(1);
+	for (i = 0; i < MIG_RUNS && !ret; i++) {
+		void *raw;
+		char *buf = mig_map(size, thp, &raw);
+
+		t0 = bench_now_us();
+		ret = mig_cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			      npages);
+		to_dev[i] = bench_now_us() - t0;
+		if (!ret) {
+			t0 = bench_now_us();
+			ret = mig_cmd(fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf,
+				      mirror, npages);
+			to_sys[i] = bench_now_us() - t0;
+		}
+		munmap(raw, size + MIG_THP_SIZE);
+	}
+	free(mirror);
+	if (ret)
+		return ret;
+	qsort(to_dev, MIG_RUNS, sizeof(double), bench_cmp);
+	qsort(to_sys, MIG_RUNS, sizeof(double), bench_cmp);
+	out[0] = size / 1048576.0 / (to_dev[MIG_RUNS / 2] / 1e6);
+	out[1] = size / 1048576.0 / (to_sys[MIG_RUNS / 2] / 1e6);
+	return 0;
+}
+
+/* The migration table; uses only upstream's ioctls. */
+static int mig_table(void)
+{
+	int fd = open("/dev/hmm_dmirror0", O_RDWR | O_CLOEXEC);
+	unsigned int i;
+
+	if (fd < 0) {
+		perror("open /dev/hmm_dmirror0");
+		return 1;
+	}
+	printf("# migration throughput, MiB/s, median of %d runs ", MIG_RUNS);
+	printf("(sys->dev includes the device's read-back)\n");
+	printf("# %6s %12s %12s %12s %12s %8s %8s\n", "MiB", "4K s->d",
+	       "THP s->d", "4K d->s", "THP d->s", "THP/4K", "THP/4K");
+	for (i = 0; i < ARRAY_SIZE(mig_sizes_mb); i++) {
+		size_t size = mig_sizes_mb[i] << 20;
+		double small[2], huge[2];
+		int ret;
+
+		ret = mig_measure(fd, size, 0, small);
+		if (!ret)
+			ret = mig_measure(fd, size, 1, huge);
+		if (ret) {
+			printf("# %6lu migration failed: %s\n", mig_sizes_mb[i],
+			       strerror(-ret));
+			close(fd);
+			return 1;
+		}
+		printf("# %6lu %12.0f %12.0f %12.0f %12.0f %8.2f %8.2f\n",
+		       mig_sizes_mb[i], small[0], huge[0], small[1], huge[1],
+		       huge[0] / small[0], huge[1] / small[1]);
+	}
+	close(fd);
+	return 0;
+}
+
 /* One table: every device count at flush latency @latency_us. */
 static void bench_table(unsigned long latency_us, int runs)
 {
@@ -167,11 +294,16 @@ static void bench_table(unsigned long latency_us, int runs)
 int main(int argc, char **argv)
 {
 	unsigned long latencies[8] = { 200, 2000 };
+	int runs = 51, opt, migration_only = 0;
 	unsigned int nlat = 0, i;
-	int runs = 51, opt;
+	struct hmm_dmirror_settings set;
+	int fd;
 
-	while ((opt = getopt(argc, argv, "l:r:")) != -1) {
+	while ((opt = getopt(argc, argv, "Ml:r:")) != -1) {
 		switch (opt) {
+		case 'M':
+			migration_only = 1;
+			break;
 		case 'l':
 			if (nlat == 8)
 				return 2;
@@ -181,7 +313,7 @@ int main(int argc, char **argv)
 			runs = atoi(optarg);
 			break;
 		default:
-			fprintf(stderr, "usage: %s [-l latency_us]... [-r runs]\n",
+			fprintf(stderr, "usage: %s [-M] [-l latency_us]... [-r runs]\n",
 				argv[0]);
 			return 2;
 		}
@@ -192,6 +324,18 @@ int main(int argc, char **argv)
 		fprintf(stderr, "bad arguments\n");
 		return 2;
 	}
+	if (mig_table())
+		return 1;
+	if (migration_only)
+		return 0;
+
+	/* The kernel's own driver has no invalidation settings. */
+	fd = open("/dev/hmm_dmirror0", O_RDWR | O_CLOEXEC);
+	if (fd < 0 || ioctl(fd, HMM_DMIRROR_GET_SETTINGS, &set)) {
+		printf("# invalidation benchmark skipped: no settings ioctl\n");
+		return 0;
+	}
+	close(fd);
 	for (i = 0; i < nlat; i++) {
 		if (!latencies[i]) {
 			fprintf(stderr, "latency must be > 0\n");
