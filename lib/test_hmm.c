@@ -53,7 +53,11 @@
  *   runs every start before any finish, so the N flushes overlap and the
  *   munmap() waits about one latency. Finish objects come from a small
  *   per-device pool, because the start may not sleep to allocate; with the
- *   pool empty the start does the whole invalidation synchronously.
+ *   pool empty the start does the whole invalidation synchronously. In the
+ *   per-leaf model one invalidation needs a finish object per leaf it
+ *   touches, so one covering more than %DMIRROR_FLUSH_POOL leaves of a
+ *   device waits for the rest one by one: a real driver would batch the
+ *   flushes of one invalidation per device instead.
  *
  * Device accesses read device PTEs under the mirror's pt_lock, so a cleared
  * PTE is never used again even before its flush completes; the engine models
@@ -879,6 +883,9 @@ static void dmirror_leaf_queue_reap(struct dmirror *dmirror,
 				    struct dmirror_leaf *leaf)
 {
 	lockdep_assert_held(&dmirror->pt_lock);
+	/* In the whole model leaves have no notifier and live until close. */
+	if (dmirror->model != HMM_DMIRROR_NOTIFIER_PER_LEAF)
+		return;
 	if (leaf->nr_valid || leaf->queued || leaf->dead || dmirror->closing)
 		return;
 	leaf->queued = true;
@@ -1155,6 +1162,33 @@ static int dmirror_range_fault_locked(struct hmm_range *range)
 }
 
 /**
+ * dmirror_hmm_pfn() - the pfn of one hmm_range_fault() output
+ * @hpfn: the output for @addr
+ * @addr: its address
+ *
+ * For a device-private folio mapped by a PMD, hmm_vma_handle_absent_pmd() in
+ * Linux 7.3 returns the folio's first pfn for the first page of the range
+ * and counts up from there, which is wrong when the range starts inside the
+ * folio (the present-PMD path adds the offset). The pfn is recomputed from
+ * the folio, which gives the same answer where the core is right.
+ *
+ * Context: pt_lock held after a successful mmu_interval_read_retry(), so
+ * the page cannot go away.
+ * Return: the pfn mapped at @addr.
+ */
+static unsigned long dmirror_hmm_pfn(unsigned long hpfn, unsigned long addr)
+{
+	unsigned long pfn = hpfn & ~HMM_PFN_FLAGS;
+	unsigned int order = hmm_pfn_to_map_order(hpfn);
+	struct page *page = pfn_to_page(pfn);
+
+	if (!order || !is_device_private_page(page))
+		return pfn;
+	return folio_pfn(page_folio(page)) +
+	       ((addr & ((PAGE_SIZE << order) - 1)) >> PAGE_SHIFT);
+}
+
+/**
  * dmirror_pt_install() - map the result of hmm_range_fault() in the device
  * @dmirror: mirror
  * @leaf: leaf holding the whole range, in the table
@@ -1177,7 +1211,7 @@ static void dmirror_pt_install(struct dmirror *dmirror,
 		if (WARN_ON_ONCE(!(hpfn & HMM_PFN_VALID)))
 			continue;
 		dmirror_pte_set(dmirror, leaf, addr,
-				dmirror_pte_make(hpfn & ~HMM_PFN_FLAGS,
+				dmirror_pte_make(dmirror_hmm_pfn(hpfn, addr),
 						 (hpfn & HMM_PFN_WRITE) ?
 						 DMIRROR_PTE_WRITE : 0));
 	}
@@ -1218,8 +1252,13 @@ static int dmirror_fault_batch(struct dmirror *dmirror,
 			ret = hmm_range_fault_unlocked_timeout(range, timeout);
 		else
 			ret = dmirror_range_fault_locked(range);
-		if (ret && ret != -EBUSY)
+		if (ret && ret != -EBUSY) {
+			/* Do not keep a leaf only a failed fault wanted. */
+			mutex_lock(&dmirror->pt_lock);
+			dmirror_leaf_queue_reap(dmirror, leaf);
+			mutex_unlock(&dmirror->pt_lock);
 			break;
+		}
 		if (!ret) {
 			mutex_lock(&dmirror->pt_lock);
 			if (!leaf->dead &&
@@ -1946,6 +1985,33 @@ static long dmirror_migrate_batch(struct dmirror *dmirror,
 }
 
 /**
+ * dmirror_count_local() - pages of a range the device maps in its own memory
+ * @dmirror: mirror
+ * @range: range, just read through the device
+ *
+ * Return: the number of device PTEs of @range that map this device's memory.
+ */
+static unsigned long dmirror_count_local(struct dmirror *dmirror,
+					 const struct dmirror_range *range)
+{
+	unsigned long addr, n = 0;
+
+	mutex_lock(&dmirror->pt_lock);
+	for (addr = range->start; addr < range->end; addr += PAGE_SIZE) {
+		u64 pte = dmirror_pte_get(dmirror, addr);
+		struct page *page;
+
+		if (!(pte & DMIRROR_PTE_VALID))
+			continue;
+		page = pfn_to_page(pte >> DMIRROR_PTE_PFN_SHIFT);
+		n += is_zone_device_page(page) &&
+		     page_pgmap(page)->owner == dmirror->mdevice;
+	}
+	mutex_unlock(&dmirror->pt_lock);
+	return n;
+}
+
+/**
  * dmirror_migrate() - HMM_DMIRROR_MIGRATE_TO_DEV and _TO_SYS
  * @dmirror: mirror
  * @cmd: the request; cpages gets the number of pages moved
@@ -1954,7 +2020,9 @@ static long dmirror_migrate_batch(struct dmirror *dmirror,
  *
  * Migrates in PMD-aligned batches, so that huge pages move whole. Migration
  * to the device then reads the range through the device, as the kernel's
- * own driver does, so @cmd->ptr receives the data.
+ * own driver does, so @cmd->ptr receives the data, and @cmd->cpages counts
+ * the pages of the range in device memory, moved now or before; migration
+ * to system memory counts the pages moved.
  *
  * Return: 0; -EFAULT for a hole or memory without read access in the range;
  * -ENOENT for shared memory, which cannot move to device-private memory;
@@ -2003,13 +2071,15 @@ static int dmirror_migrate(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
 	if (ret)
 		return ret;
 
+	cmd->cpages = moved;
 	if (to_dev) {
 		struct hmm_dmirror_cmd readback = *cmd;
 
 		ret = dmirror_access(dmirror, &readback, range, false, false);
 		cmd->faults = readback.faults;
+		if (!ret)
+			cmd->cpages = dmirror_count_local(dmirror, range);
 	}
-	cmd->cpages = moved;
 	return ret;
 }
 
@@ -2595,8 +2665,9 @@ static int dmirror_settings_set(struct dmirror_device *mdevice,
 	spin_lock(&mdevice->lock);
 	mdevice->settings = *set;
 	mdevice->settings.flags = 0;
-	if (set->flags & HMM_DMIRROR_SETTING_FAIL_NEXT_FINISH)
-		mdevice->fail_next_finish = true;
+	/* Every SET arms or disarms the one-shot, so teardown can clear it. */
+	mdevice->fail_next_finish =
+		set->flags & HMM_DMIRROR_SETTING_FAIL_NEXT_FINISH;
 	spin_unlock(&mdevice->lock);
 	return 0;
 }
@@ -2860,10 +2931,40 @@ static int dmirror_fops_release(struct inode *inode, struct file *filp)
 	return 0;
 }
 
+/**
+ * dmirror_fops_mmap() - map zeroed kernel pages, as the kernel's own driver
+ * @filp: the file
+ * @vma: the new mapping
+ *
+ * Gives tests memory that is neither anonymous nor file-backed (a mixed map,
+ * VM_MIXEDMAP), which HMM must report and refuse to migrate.
+ *
+ * Return: 0, -ENOMEM or the error of vm_insert_page().
+ */
+static int dmirror_fops_mmap(struct file *filp, struct vm_area_struct *vma)
+{
+	unsigned long addr;
+	int ret;
+
+	for (addr = vma->vm_start; addr < vma->vm_end; addr += PAGE_SIZE) {
+		struct page *page = alloc_page(GFP_KERNEL | __GFP_ZERO);
+
+		if (!page)
+			return -ENOMEM;
+		ret = vm_insert_page(vma, addr, page);
+		/* The mapping holds its own reference. */
+		put_page(page);
+		if (ret)
+			return ret;
+	}
+	return 0;
+}
+
 static const struct file_operations dmirror_fops = {
 	.owner		= THIS_MODULE,
 	.open		= dmirror_fops_open,
 	.release	= dmirror_fops_release,
+	.mmap		= dmirror_fops_mmap,
 	.unlocked_ioctl	= dmirror_fops_unlocked_ioctl,
 	.llseek		= default_llseek,
 };

@@ -179,7 +179,8 @@ enum hmm_dmirror_invalidation {
  * @flush_latency_ns: how long the emulated TLB flush takes, 0 to 100 ms
  * @leaf_size: bytes covered by one leaf of the device page table: a power
  *	of two from PAGE_SIZE to 1 GiB
- * @flags: HMM_DMIRROR_SETTING_* (write only; reads return 0)
+ * @flags: HMM_DMIRROR_SETTING_* (write only: every SET arms or disarms the
+ *	one-shot; reads return 0)
  * @reserved: must be 0
  */
 struct hmm_dmirror_settings {

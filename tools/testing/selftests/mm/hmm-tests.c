@@ -10,9 +10,12 @@
  * ioctls of lib/test_hmm_uapi.h make it read, write or snapshot that memory
  * the way a GPU would.
  *
- * Every test runs on each device: 0 and 1 are device-private; 2 and 3 are
- * device-coherent and exist only when the module was given spm_addr_dev0 and
- * spm_addr_dev1, else their variants are skipped. The suite covers:
+ * The tests of the hmm fixture run on each device: 0 and 1 are
+ * device-private; 2 and 3 are device-coherent and exist only when the module
+ * was given spm_addr_dev0 and spm_addr_dev1, else their variants are
+ * skipped. Those of hmm_inval and hmm_config use the eight device-private
+ * devices 0, 1 and 4 to 9 of the default private_devices=8, change their
+ * settings and put them back after. The suite covers:
  * - device reads and writes of private and shared anonymous memory, of a
  *   shared file mapping, of THP and of hugetlbfs pages: the data on both
  *   sides and the device fault counts;
@@ -27,13 +30,25 @@
  *   fork() and at another device's fault; the split of a THP's PMD; the
  *   memory that cannot be taken (shared, file, hugetlb, not writable); one
  *   device's threads taking and giving back their own slices concurrently;
- * - rejection of malformed requests.
+ * - rejection of malformed requests;
+ * - many devices mirroring one process, in each notifier model and
+ *   invalidation mode: every device is told of munmap(), mprotect(),
+ *   MADV_DONTNEED and copy on write, and faults again or fails; two-pass
+ *   devices overlap their flushes, single-pass ones do not; a device short
+ *   of finish objects falls back to a synchronous invalidation; devices of
+ *   both modes side by side;
+ * - notifier lifetime: one per leaf faulted in, or one per mirror, removed
+ *   by munmap() and close(), and none left behind by a process that exits
+ *   during invalidations, is OOM-killed or is reaped by process_mrelease();
+ *   non-blockable invalidations refused while a flush would take time;
+ * - device settings: bad values refused, good ones read back.
  *
  * Run it as root with the test_hmm module available:
  *	./test_hmm.sh [-- <hmm-tests arguments>]
  * loads the module, runs this program and unloads the module again; run_vm.sh
  * in the repository does the same in a QEMU guest. "./hmm-tests -l" lists the
- * tests and "-r hmm.<variant>.<test>" runs a single one.
+ * tests and "-r <fixture>.<variant>.<test>" (e.g. "-r hmm.private0.anon_read",
+ * "-r hmm_config.oom_kill") runs a single one.
  */
 
 #include "kselftest_harness.h"
@@ -51,6 +66,7 @@
 #include <unistd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -63,6 +79,12 @@
 
 #ifndef MADV_COLLAPSE
 #define MADV_COLLAPSE		25
+#endif
+#ifndef __NR_pidfd_open
+#define __NR_pidfd_open		434
+#endif
+#ifndef __NR_process_mrelease
+#define __NR_process_mrelease	448
 #endif
 
 #define HMM_NPAGES		128	/* size of most test buffers */
@@ -96,13 +118,12 @@ static int hmm_open(int device)
 }
 
 /* Issue @request, retrying on EINTR: its result, or a negative errno. */
-static int hmm_ioctl(int fd, unsigned long request,
-		     struct hmm_dmirror_cmd *cmd)
+static int hmm_ioctl(int fd, unsigned long request, void *arg)
 {
 	int ret;
 
 	do {
-		ret = ioctl(fd, request, cmd);
+		ret = ioctl(fd, request, arg);
 	} while (ret < 0 && errno == EINTR);
 	return ret < 0 ? -errno : ret;
 }
@@ -215,23 +236,31 @@ static long hmm_read_long(const char *path)
 	return val;
 }
 
-static int hmm_write_long(const char *path, long val)
+/* Write @str to the file @path in one write(): 0 or a negative errno. */
+static int hmm_write_str(const char *path, const char *str)
 {
-	char buf[32];
-	int fd, len, ret = 0;
+	size_t len = strlen(str);
+	int fd, ret = 0;
 	ssize_t n;
 
-	len = snprintf(buf, sizeof(buf), "%ld\n", val);
 	fd = open(path, O_WRONLY | O_CLOEXEC);
 	if (fd < 0)
 		return -errno;
-	n = write(fd, buf, len);
+	n = write(fd, str, len);
 	if (n < 0)
 		ret = -errno;
-	else if (n != len)
+	else if ((size_t)n != len)
 		ret = -EIO;
 	close(fd);
 	return ret;
+}
+
+static int hmm_write_long(const char *path, long val)
+{
+	char buf[32];
+
+	snprintf(buf, sizeof(buf), "%ld\n", val);
+	return hmm_write_str(path, buf);
 }
 
 /* The "@key:" value of /proc/meminfo, in kB; -1 if there is none. */
@@ -459,6 +488,17 @@ static int hmm_child_write(int device, char *addr, __u64 npages,
 	return 0;
 }
 
+/* waitpid() for @pid, retrying on EINTR: @pid, or -1 on error. */
+static pid_t hmm_waitpid(pid_t pid, int *status)
+{
+	pid_t ret;
+
+	do {
+		ret = waitpid(pid, status, 0);
+	} while (ret < 0 && errno == EINTR);
+	return ret;
+}
+
 /* Run hmm_child_write() in a child; returns its wait status, -1 on error. */
 static int hmm_fork_child_write(int device, char *addr, __u64 npages,
 				size_t page_size, __u32 seed)
@@ -472,9 +512,8 @@ static int hmm_fork_child_write(int device, char *addr, __u64 npages,
 		return -1;
 	if (!pid)
 		_exit(hmm_child_write(device, addr, npages, page_size, seed));
-	while (waitpid(pid, &status, 0) < 0)
-		if (errno != EINTR)
-			return -1;
+	if (hmm_waitpid(pid, &status) != pid)
+		return -1;
 	return status;
 }
 
@@ -536,11 +575,13 @@ FIXTURE_SETUP(hmm)
  */
 FIXTURE_TEARDOWN_PARENT(hmm)
 {
-	if (self->old_nr_hugepages >= 0)
+	/* Braced: a failed test leaves the harness's trigger set. */
+	if (self->old_nr_hugepages >= 0) {
 		EXPECT_EQ(0, hmm_write_long(HMM_NR_HUGEPAGES,
 					    self->old_nr_hugepages))
 			TH_LOG("could not restore %s to %ld", HMM_NR_HUGEPAGES,
 			       self->old_nr_hugepages);
+	}
 }
 
 /*
@@ -1687,8 +1728,7 @@ TEST_F(hmm, exclusive_fork_cow)
 		_exit(hmm_child_exclusive_cow(variant->device, buf, npages,
 					      self->page_size, 0xf0, 0xf1,
 					      0xf2));
-	while (waitpid(pid, &status, 0) < 0)
-		ASSERT_EQ(EINTR, errno);
+	ASSERT_EQ(pid, hmm_waitpid(pid, &status));
 	ASSERT_TRUE(WIFEXITED(status)) TH_LOG("child status 0x%x", status);
 	ASSERT_EQ(0, WEXITSTATUS(status));
 
@@ -1904,8 +1944,7 @@ TEST_F(hmm, exclusive_write_fault)
 						 npages)) TH_LOG("%s", name);
 		if (cow) {
 			close(hold[1]);
-			while (waitpid(pid, &status, 0) < 0)
-				ASSERT_EQ(EINTR, errno);
+			ASSERT_EQ(pid, hmm_waitpid(pid, &status));
 			ASSERT_TRUE(WIFEXITED(status))
 				TH_LOG("child status 0x%x", status);
 			ASSERT_EQ(0, WEXITSTATUS(status));
@@ -2169,6 +2208,1436 @@ TEST_F(hmm, exclusive_threads)
 			       th->round, th->failed, th->ret);
 	}
 	munmap(buf, size);
+}
+
+/* --- Many devices: settings, statistics and invalidation --------------- */
+
+/* The device-private devices of the module's default private_devices=8. */
+static const int hmm_private_ids[] = { 0, 1, 4, 5, 6, 7, 8, 9 };
+
+#define HMM_NPRIVATE		ARRAY_SIZE(hmm_private_ids)
+#define HMM_LEAF_SIZE		(2UL << 20)	/* the default leaf size */
+#define HMM_MS			1000000ULL	/* in ns */
+
+static int hmm_stats(int fd, struct hmm_dmirror_stats *stats)
+{
+	return hmm_ioctl(fd, HMM_DMIRROR_STATS, stats);
+}
+
+static int hmm_stats_reset(int fd)
+{
+	return hmm_ioctl(fd, HMM_DMIRROR_STATS_RESET, NULL);
+}
+
+static int hmm_get_settings(int fd, struct hmm_dmirror_settings *set)
+{
+	return hmm_ioctl(fd, HMM_DMIRROR_GET_SETTINGS, set);
+}
+
+static int hmm_set_settings(int fd, const struct hmm_dmirror_settings *set)
+{
+	return hmm_ioctl(fd, HMM_DMIRROR_SET_SETTINGS, (void *)set);
+}
+
+/*
+ * NULL if the first @n devices of hmm_private_ids exist, else the reason in
+ * @why.
+ */
+static const char *hmm_private_missing(unsigned int n, char *why, size_t len)
+{
+	char path[32];
+	unsigned int i;
+
+	for (i = 0; i < n; i++) {
+		hmm_dev_path(path, sizeof(path), hmm_private_ids[i]);
+		if (access(path, F_OK)) {
+			snprintf(why, len,
+				 "no %s: load test_hmm with private_devices=%u or more",
+				 path, n);
+			return why;
+		}
+	}
+	return NULL;
+}
+
+/*
+ * Settings belong to a device, which every test shares: a test saves them
+ * before changing them, and its fixture's teardown puts them back.
+ */
+struct hmm_saved_settings {
+	struct hmm_dmirror_settings	set[HMM_NPRIVATE];
+	bool				saved[HMM_NPRIVATE];
+};
+
+/*
+ * Open device hmm_private_ids[@idx] and give the device @set (if not NULL),
+ * having saved its settings in @saved unless they already are. The new file
+ * has not faulted anything yet, so its mirror follows @set. Returns it, or
+ * -1.
+ */
+static int hmm_open_set(struct hmm_saved_settings *saved, unsigned int idx,
+			const struct hmm_dmirror_settings *set)
+{
+	int fd = hmm_open(hmm_private_ids[idx]);
+	int ret = 0;
+
+	if (fd < 0)
+		return -1;
+	if (!saved->saved[idx]) {
+		ret = hmm_get_settings(fd, &saved->set[idx]);
+		saved->saved[idx] = !ret;
+	}
+	if (!ret && set)
+		ret = hmm_set_settings(fd, set);
+	if (!ret)
+		return fd;
+	fprintf(stderr, "# settings of device %d: %s\n", hmm_private_ids[idx],
+		strerror(-ret));
+	close(fd);
+	return -1;
+}
+
+/* hmm_open_set() for the first @n devices; false once one fails. */
+static bool hmm_open_set_n(struct hmm_saved_settings *saved, int *fds,
+			   unsigned int n, const struct hmm_dmirror_settings *set)
+{
+	unsigned int i;
+
+	for (i = 0; i < n; i++) {
+		fds[i] = hmm_open_set(saved, i, set);
+		if (fds[i] < 0)
+			return false;
+	}
+	return true;
+}
+
+/* Put back the settings @saved holds: the number of devices that failed. */
+static int hmm_restore_settings(struct hmm_saved_settings *saved)
+{
+	unsigned int idx;
+	int fd, failed = 0;
+
+	for (idx = 0; idx < HMM_NPRIVATE; idx++) {
+		if (!saved->saved[idx])
+			continue;
+		fd = hmm_open(hmm_private_ids[idx]);
+		if (fd < 0 || hmm_set_settings(fd, &saved->set[idx])) {
+			fprintf(stderr, "# could not restore the settings of device %d\n",
+				hmm_private_ids[idx]);
+			failed++;
+		} else {
+			saved->saved[idx] = false;
+		}
+		if (fd >= 0)
+			close(fd);
+	}
+	return failed;
+}
+
+/*
+ * The notifiers device @id has now, read through a new file; -1 on error.
+ * Call it once every mirror of the device is closed or idle.
+ */
+static long long hmm_live_notifiers(int id)
+{
+	struct hmm_dmirror_stats stats;
+	int fd, ret;
+
+	fd = hmm_open(id);
+	if (fd < 0)
+		return -1;
+	ret = hmm_stats(fd, &stats);
+	close(fd);
+	return ret ? -1 : (long long)stats.notifiers_live;
+}
+
+/*
+ * Map @size bytes of anonymous memory as a mapping of its own at an address
+ * aligned to @align, a power of two: it then covers whole leaves of a
+ * device page table whose leaves are @align or smaller. NULL on failure.
+ */
+static char *hmm_map_aligned(size_t size, size_t align)
+{
+	size_t len = size + align;
+	char *map, *buf;
+
+	map = hmm_map_anon(len, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	if (!map)
+		return NULL;
+	buf = (char *)(((uintptr_t)map + align - 1) & ~((uintptr_t)align - 1));
+	if (buf != map)
+		munmap(map, buf - map);
+	munmap(buf + size, map + len - buf - size);
+	return buf;
+}
+
+/* Flush latency of hmm_inval: long enough for flushes to surely overlap. */
+#define HMM_INVAL_LATENCY_NS	(20 * HMM_MS)
+
+/* Every private device mirrors this process, in each model and mode. */
+FIXTURE(hmm_inval)
+{
+	int				fd[HMM_NPRIVATE];
+	size_t				page_size;
+	struct hmm_saved_settings	saved;
+};
+
+FIXTURE_VARIANT(hmm_inval)
+{
+	__u32	notifier_model;
+	__u32	invalidation;
+};
+
+FIXTURE_VARIANT_ADD(hmm_inval, whole_single_pass)
+{
+	.notifier_model = HMM_DMIRROR_NOTIFIER_WHOLE,
+	.invalidation = HMM_DMIRROR_SINGLE_PASS,
+};
+
+FIXTURE_VARIANT_ADD(hmm_inval, whole_two_pass)
+{
+	.notifier_model = HMM_DMIRROR_NOTIFIER_WHOLE,
+	.invalidation = HMM_DMIRROR_TWO_PASS,
+};
+
+FIXTURE_VARIANT_ADD(hmm_inval, per_leaf_single_pass)
+{
+	.notifier_model = HMM_DMIRROR_NOTIFIER_PER_LEAF,
+	.invalidation = HMM_DMIRROR_SINGLE_PASS,
+};
+
+FIXTURE_VARIANT_ADD(hmm_inval, per_leaf_two_pass)
+{
+	.notifier_model = HMM_DMIRROR_NOTIFIER_PER_LEAF,
+	.invalidation = HMM_DMIRROR_TWO_PASS,
+};
+
+FIXTURE_SETUP(hmm_inval)
+{
+	const struct hmm_dmirror_settings set = {
+		.notifier_model = variant->notifier_model,
+		.invalidation = variant->invalidation,
+		.flush_latency_ns = HMM_INVAL_LATENCY_NS,
+		.leaf_size = HMM_LEAF_SIZE,
+	};
+	char why[128];
+	bool ok;
+
+	self->page_size = sysconf(_SC_PAGESIZE);
+	if (hmm_private_missing(HMM_NPRIVATE, why, sizeof(why)))
+		SKIP(return, "%s", why);
+	ok = hmm_open_set_n(&self->saved, self->fd, HMM_NPRIVATE, &set);
+	/* Teardown runs only after a setup that succeeded. */
+	if (!ok)
+		hmm_restore_settings(&self->saved);
+	ASSERT_TRUE(ok);
+}
+
+/* In the parent, so that it runs even if the test crashed. */
+FIXTURE_TEARDOWN_PARENT(hmm_inval)
+{
+	EXPECT_EQ(0, hmm_restore_settings(&self->saved));
+}
+
+/* CPU operations that change how a mirrored buffer is mapped. */
+enum hmm_cpu_op {
+	HMM_CPU_MUNMAP,
+	HMM_CPU_MPROTECT,	/* mprotect(PROT_READ) */
+	HMM_CPU_DONTNEED,	/* madvise(MADV_DONTNEED) */
+	HMM_CPU_COW,		/* fork(), then the parent writes */
+};
+
+static const struct {
+	const char	*name;
+	enum hmm_cpu_op	op;
+	unsigned int	event;	/* HMM_DMIRROR_EVENT_* the kernel sends */
+} hmm_cpu_ops[] = {
+	{ "munmap", HMM_CPU_MUNMAP, HMM_DMIRROR_EVENT_UNMAP },
+	{ "mprotect(PROT_READ)", HMM_CPU_MPROTECT,
+	  HMM_DMIRROR_EVENT_PROTECTION_VMA },
+	{ "MADV_DONTNEED", HMM_CPU_DONTNEED, HMM_DMIRROR_EVENT_CLEAR },
+	/* fork() write-protects the parent's pages for copy on write. */
+	{ "CPU write after fork", HMM_CPU_COW,
+	  HMM_DMIRROR_EVENT_PROTECTION_PAGE },
+};
+
+/*
+ * Every device mirrors a buffer, then one CPU operation changes its mapping.
+ * Each device is told, with the event the kernel sends for that operation,
+ * and none keeps using the old mapping: after munmap() they fail with
+ * EFAULT; after mprotect(PROT_READ) they cannot write, and fault again to
+ * read the same data; after MADV_DONTNEED they fault again and read zeros;
+ * after the parent wrote pages shared with a forked child, they fault again
+ * and read the parent's new data, while the child keeps the old.
+ */
+TEST_F(hmm_inval, cpu_op_refault)
+{
+	const __u64 npages = HMM_NPAGES;
+	size_t size = npages * self->page_size;
+	struct hmm_dmirror_stats stats;
+	struct hmm_dmirror_cmd cmd;
+	int status, hold[2], ret;
+	unsigned int i, d;
+	char *buf, *mirror;
+	__u32 seed;
+	pid_t pid;
+	long bad;
+
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+
+	for (i = 0; i < ARRAY_SIZE(hmm_cpu_ops); i++) {
+		const char *name = hmm_cpu_ops[i].name;
+		enum hmm_cpu_op op = hmm_cpu_ops[i].op;
+
+		seed = 0x1e0 + i;
+		buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+		ASSERT_NE(NULL, buf);
+		hmm_fill(buf, size, seed);
+		for (d = 0; d < HMM_NPRIVATE; d++) {
+			ASSERT_EQ(0, hmm_cmd(self->fd[d], HMM_DMIRROR_READ, buf,
+					     mirror, npages, &cmd));
+			ASSERT_EQ(1ULL, cmd.faults);
+		}
+		for (d = 0; d < HMM_NPRIVATE; d++)
+			ASSERT_EQ(0, hmm_stats_reset(self->fd[d]));
+
+		pid = -1;
+		switch (op) {
+		case HMM_CPU_MUNMAP:
+			ASSERT_EQ(0, munmap(buf, size));
+			break;
+		case HMM_CPU_MPROTECT:
+			ASSERT_EQ(0, mprotect(buf, size, PROT_READ));
+			break;
+		case HMM_CPU_DONTNEED:
+			ASSERT_EQ(0, madvise(buf, size, MADV_DONTNEED));
+			break;
+		case HMM_CPU_COW:
+			ASSERT_EQ(0, pipe2(hold, O_CLOEXEC));
+			fflush(NULL);
+			pid = fork();
+			ASSERT_LE(0, pid);
+			if (!pid) {
+				close(hold[1]);
+				_exit(hmm_child_hold(hold[0], buf, npages,
+						     self->page_size, seed));
+			}
+			close(hold[0]);
+			seed ^= 0xc0e;
+			hmm_fill(buf, size, seed);
+			break;
+		}
+
+		for (d = 0; d < HMM_NPRIVATE; d++) {
+			ASSERT_EQ(0, hmm_stats(self->fd[d], &stats));
+			ASSERT_LE(1ULL, stats.invalidations[hmm_cpu_ops[i].event])
+				TH_LOG("%s: device %d was not told", name,
+				       hmm_private_ids[d]);
+		}
+
+		for (d = 0; d < HMM_NPRIVATE; d++) {
+			int id = hmm_private_ids[d];
+
+			memset(mirror, 0xa5, size);
+			ret = hmm_cmd(self->fd[d], HMM_DMIRROR_READ, buf,
+				      mirror, npages, &cmd);
+			if (op == HMM_CPU_MUNMAP) {
+				ASSERT_EQ(-EFAULT, ret)
+					TH_LOG("%s: device %d still reads",
+					       name, id);
+				continue;
+			}
+			ASSERT_EQ(0, ret) TH_LOG("%s: device %d", name, id);
+			ASSERT_EQ(npages, cmd.cpages);
+			ASSERT_EQ(1ULL, cmd.faults)
+				TH_LOG("%s: device %d kept its mapping", name,
+				       id);
+			if (op == HMM_CPU_DONTNEED)
+				bad = hmm_check_bytes(mirror, size, 0);
+			else
+				bad = hmm_check(mirror, size, seed);
+			ASSERT_EQ(-1, bad)
+				TH_LOG("%s: device %d read wrong data at %ld",
+				       name, id, bad);
+			if (op == HMM_CPU_MPROTECT) {
+				ASSERT_EQ(-EPERM,
+					  hmm_cmd(self->fd[d], HMM_DMIRROR_WRITE,
+						  buf, mirror, npages, &cmd))
+					TH_LOG("%s: device %d wrote", name, id);
+			}
+		}
+
+		if (pid > 0) {
+			close(hold[1]);
+			ASSERT_EQ(pid, hmm_waitpid(pid, &status));
+			ASSERT_TRUE(WIFEXITED(status))
+				TH_LOG("child status 0x%x", status);
+			ASSERT_EQ(0, WEXITSTATUS(status));
+		}
+		if (op != HMM_CPU_MUNMAP)
+			munmap(buf, size);
+	}
+	free(mirror);
+}
+
+/*
+ * One munmap() of a range that every device mirrors within one leaf of its
+ * page table: each device is told once and flushes once. In two passes all
+ * of them start their flush before any waits, so all the flushes are in
+ * flight at once; in a single pass each device waits for its flush before
+ * the next is told, so never more than one is.
+ */
+TEST_F(hmm_inval, flushes_in_flight)
+{
+	bool two_pass = variant->invalidation == HMM_DMIRROR_TWO_PASS;
+	const __u64 npages = 16;
+	size_t size = npages * self->page_size;
+	struct hmm_dmirror_stats stats;
+	struct hmm_dmirror_cmd cmd;
+	char *buf, *mirror;
+	unsigned int d;
+	__u64 t0, ns;
+
+	buf = hmm_map_aligned(size, HMM_LEAF_SIZE);
+	ASSERT_NE(NULL, buf);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	hmm_fill(buf, size, 0xf17);
+	for (d = 0; d < HMM_NPRIVATE; d++) {
+		ASSERT_EQ(0, hmm_cmd(self->fd[d], HMM_DMIRROR_READ, buf, mirror,
+				     npages, &cmd));
+		ASSERT_EQ(1ULL, cmd.faults);
+	}
+	for (d = 0; d < HMM_NPRIVATE; d++)
+		ASSERT_EQ(0, hmm_stats_reset(self->fd[d]));
+
+	t0 = hmm_now_ns();
+	ASSERT_EQ(0, munmap(buf, size));
+	ns = hmm_now_ns() - t0;
+
+	for (d = 0; d < HMM_NPRIVATE; d++) {
+		int id = hmm_private_ids[d];
+
+		ASSERT_EQ(0, hmm_stats(self->fd[d], &stats));
+		ASSERT_EQ(1ULL, stats.invalidations[HMM_DMIRROR_EVENT_UNMAP])
+			TH_LOG("device %d", id);
+		ASSERT_EQ(1ULL, stats.flushes) TH_LOG("device %d", id);
+		ASSERT_EQ(two_pass ? 1ULL : 0ULL, stats.two_pass_starts)
+			TH_LOG("device %d", id);
+		ASSERT_EQ(two_pass ? 1ULL : 0ULL, stats.two_pass_finishes)
+			TH_LOG("device %d", id);
+		ASSERT_EQ(0ULL, stats.sync_fallbacks) TH_LOG("device %d", id);
+	}
+	ASSERT_EQ(two_pass ? (__u64)HMM_NPRIVATE : 1ULL,
+		  stats.flushes_in_flight_max);
+	TH_LOG("munmap() with %zu devices: %llu ms", HMM_NPRIVATE,
+	       ns / HMM_MS);
+
+	for (d = 0; d < HMM_NPRIVATE; d++) {
+		ASSERT_EQ(-EFAULT, hmm_cmd(self->fd[d], HMM_DMIRROR_READ, buf,
+					   mirror, npages, &cmd))
+			TH_LOG("device %d still reads", hmm_private_ids[d]);
+	}
+	free(mirror);
+}
+
+/* Tests that give the private devices settings of their own. */
+FIXTURE(hmm_config)
+{
+	size_t				page_size;
+	struct hmm_saved_settings	saved;
+	char				cgroup[64];	/* to remove, if set */
+	bool				memory_enabled;	/* to disable */
+};
+
+FIXTURE_SETUP(hmm_config)
+{
+	self->page_size = sysconf(_SC_PAGESIZE);
+}
+
+#define HMM_CGROUP_ROOT		"/sys/fs/cgroup"
+#define HMM_SUBTREE_CONTROL	HMM_CGROUP_ROOT "/cgroup.subtree_control"
+
+/* In the parent, so that it runs even if the test crashed. */
+FIXTURE_TEARDOWN_PARENT(hmm_config)
+{
+	/*
+	 * The braces keep the log of a check to its own failure: a failed
+	 * test leaves the harness's trigger set for the next check.
+	 */
+	if (self->cgroup[0] && rmdir(self->cgroup) && errno != ENOENT) {
+		EXPECT_EQ(0, -errno)
+			TH_LOG("rmdir %s", self->cgroup);
+	}
+	if (self->memory_enabled) {
+		EXPECT_EQ(0, hmm_write_str(HMM_SUBTREE_CONTROL, "-memory"))
+			TH_LOG("could not disable the memory controller");
+	}
+	EXPECT_EQ(0, hmm_restore_settings(&self->saved));
+}
+
+/*
+ * A two-pass device that finds no free finish object does all of the
+ * invalidation in its start, synchronously, and the device is cut off from
+ * the range all the same. FAIL_NEXT_FINISH makes that happen once: the next
+ * invalidation takes two passes again. Settings read back without the flag.
+ */
+TEST_F(hmm_config, fail_next_finish)
+{
+	struct hmm_dmirror_settings got, set = {
+		.notifier_model = HMM_DMIRROR_NOTIFIER_PER_LEAF,
+		.invalidation = HMM_DMIRROR_TWO_PASS,
+		.flush_latency_ns = HMM_MS,
+		.leaf_size = HMM_LEAF_SIZE,
+	};
+	const __u64 npages = 16;
+	size_t size = npages * self->page_size;
+	struct hmm_dmirror_stats stats;
+	struct hmm_dmirror_cmd cmd;
+	char *buf, *mirror;
+	int fd, round;
+
+	fd = hmm_open_set(&self->saved, 0, &set);
+	ASSERT_LE(0, fd);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+
+	for (round = 0; round < 2; round++) {
+		bool armed = !round;
+
+		buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+		ASSERT_NE(NULL, buf);
+		hmm_fill(buf, size, 0xf1 + round);
+		ASSERT_EQ(0, hmm_cmd(fd, HMM_DMIRROR_READ, buf, mirror, npages,
+				     &cmd));
+		ASSERT_EQ(1ULL, cmd.faults);
+		if (armed) {
+			set.flags = HMM_DMIRROR_SETTING_FAIL_NEXT_FINISH;
+			ASSERT_EQ(0, hmm_set_settings(fd, &set));
+			set.flags = 0;
+			ASSERT_EQ(0, hmm_get_settings(fd, &got));
+			ASSERT_EQ(0, memcmp(&set, &got, sizeof(set)))
+				TH_LOG("settings read back differ (flags 0x%x)",
+				       got.flags);
+		}
+		ASSERT_EQ(0, hmm_stats_reset(fd));
+		ASSERT_EQ(0, munmap(buf, size));
+
+		ASSERT_EQ(0, hmm_stats(fd, &stats));
+		ASSERT_EQ(1ULL, stats.flushes) TH_LOG("round %d", round);
+		ASSERT_EQ(armed ? 1ULL : 0ULL, stats.sync_fallbacks)
+			TH_LOG("round %d", round);
+		ASSERT_EQ(armed ? 0ULL : 1ULL, stats.two_pass_starts)
+			TH_LOG("round %d", round);
+		ASSERT_EQ(armed ? 0ULL : 1ULL, stats.two_pass_finishes)
+			TH_LOG("round %d", round);
+		ASSERT_EQ(-EFAULT, hmm_cmd(fd, HMM_DMIRROR_READ, buf, mirror,
+					   npages, &cmd))
+			TH_LOG("round %d: the device still reads", round);
+	}
+	free(mirror);
+	close(fd);
+}
+
+#define HMM_MIXED_DEVICES	4
+
+/*
+ * Devices in both modes mirror one range of one process. MADV_DONTNEED of
+ * its first half and munmap() of its second reach each device its own way,
+ * a single pass with a flush, or a start and a finish around the flush, and
+ * none keeps the old pages: every device faults again and reads zeros in
+ * the first half, and fails with EFAULT in the second.
+ */
+TEST_F(hmm_config, mixed_modes)
+{
+	struct hmm_dmirror_settings set = {
+		.notifier_model = HMM_DMIRROR_NOTIFIER_PER_LEAF,
+		.flush_latency_ns = 2 * HMM_MS,
+		.leaf_size = HMM_LEAF_SIZE,
+	};
+	const __u64 npages = 32, half = npages / 2;
+	size_t size = npages * self->page_size;
+	size_t hsize = half * self->page_size;
+	int fd[HMM_MIXED_DEVICES];
+	struct hmm_dmirror_stats stats;
+	struct hmm_dmirror_cmd cmd;
+	char *buf, *mirror, why[128];
+	unsigned int d;
+
+	if (hmm_private_missing(HMM_MIXED_DEVICES, why, sizeof(why)))
+		SKIP(return, "%s", why);
+	for (d = 0; d < HMM_MIXED_DEVICES; d++) {
+		set.invalidation = d % 2 ? HMM_DMIRROR_TWO_PASS :
+					   HMM_DMIRROR_SINGLE_PASS;
+		fd[d] = hmm_open_set(&self->saved, d, &set);
+		ASSERT_LE(0, fd[d]);
+	}
+	/* Within one leaf: one notifier call per device and operation. */
+	buf = hmm_map_aligned(size, HMM_LEAF_SIZE);
+	ASSERT_NE(NULL, buf);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	hmm_fill(buf, size, 0x313);
+	for (d = 0; d < HMM_MIXED_DEVICES; d++) {
+		ASSERT_EQ(0, hmm_cmd(fd[d], HMM_DMIRROR_READ, buf, mirror,
+				     npages, &cmd));
+		ASSERT_EQ(1ULL, cmd.faults);
+		ASSERT_EQ(0, hmm_stats_reset(fd[d]));
+	}
+
+	ASSERT_EQ(0, madvise(buf, hsize, MADV_DONTNEED));
+	ASSERT_EQ(0, munmap(buf + hsize, size - hsize));
+
+	for (d = 0; d < HMM_MIXED_DEVICES; d++) {
+		bool two_pass = d % 2;
+		int id = hmm_private_ids[d];
+
+		ASSERT_EQ(0, hmm_stats(fd[d], &stats));
+		ASSERT_EQ(2ULL, stats.flushes) TH_LOG("device %d", id);
+		ASSERT_EQ(two_pass ? 2ULL : 0ULL, stats.two_pass_starts)
+			TH_LOG("device %d", id);
+		ASSERT_EQ(two_pass ? 2ULL : 0ULL, stats.two_pass_finishes)
+			TH_LOG("device %d", id);
+		ASSERT_EQ(0ULL, stats.sync_fallbacks) TH_LOG("device %d", id);
+
+		memset(mirror, 0xa5, hsize);
+		ASSERT_EQ(0, hmm_cmd(fd[d], HMM_DMIRROR_READ, buf, mirror,
+				     half, &cmd)) TH_LOG("device %d", id);
+		ASSERT_EQ(1ULL, cmd.faults)
+			TH_LOG("device %d kept its mapping", id);
+		ASSERT_EQ(-1, hmm_check_bytes(mirror, hsize, 0))
+			TH_LOG("device %d", id);
+		ASSERT_EQ(-EFAULT, hmm_cmd(fd[d], HMM_DMIRROR_READ, buf + hsize,
+					   mirror, npages - half, &cmd))
+			TH_LOG("device %d still reads", id);
+	}
+
+	for (d = 0; d < HMM_MIXED_DEVICES; d++)
+		close(fd[d]);
+	free(mirror);
+	munmap(buf, hsize);
+}
+
+#define HMM_EXIT_ROUNDS		4
+#define HMM_EXIT_NPAGES		16
+#define HMM_EXIT_WARMUP		2	/* loop rounds before the exit */
+
+/* The thread of a child of exit_during_invalidation. */
+struct hmm_exit_loop {
+	pthread_barrier_t	running;
+	const int		*fds;
+	unsigned int		nfds;
+	size_t			page_size;
+	char			*mirror;
+};
+
+/* Map, mirror on every device and unmap a buffer, until the process exits. */
+static void *hmm_exit_loop_fn(void *arg)
+{
+	struct hmm_exit_loop *loop = arg;
+	size_t size = HMM_EXIT_NPAGES * loop->page_size;
+	struct hmm_dmirror_cmd cmd;
+	unsigned int round, i;
+	char *buf;
+
+	for (round = 0; ; round++) {
+		if (round == HMM_EXIT_WARMUP)
+			pthread_barrier_wait(&loop->running);
+		buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+		if (!buf)
+			continue;
+		hmm_fill(buf, size, round);
+		for (i = 0; i < loop->nfds; i++)
+			hmm_cmd(loop->fds[i], HMM_DMIRROR_READ, buf,
+				loop->mirror, HMM_EXIT_NPAGES, &cmd);
+		munmap(buf, size);
+	}
+	return NULL;
+}
+
+/*
+ * Body of a child of exit_during_invalidation: mirror a buffer on @n
+ * devices, start a thread that unmaps and mirrors buffers on them in a
+ * loop, and exit while it is at it. Returns only on failure: its status.
+ */
+static int hmm_child_exit_busy(unsigned int n, size_t page_size)
+{
+	size_t size = HMM_EXIT_NPAGES * page_size;
+	struct hmm_exit_loop loop = {
+		.nfds = n,
+		.page_size = page_size,
+	};
+	struct hmm_dmirror_cmd cmd;
+	int fds[HMM_NPRIVATE];
+	char *buf, *mirror;
+	pthread_t thread;
+	unsigned int i;
+
+	for (i = 0; i < n; i++) {
+		fds[i] = hmm_open(hmm_private_ids[i]);
+		if (fds[i] < 0)
+			return 1;
+	}
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	mirror = malloc(size);
+	loop.mirror = malloc(size);
+	if (!buf || !mirror || !loop.mirror)
+		return 2;
+	hmm_fill(buf, size, 0xe1);
+	for (i = 0; i < n; i++) {
+		if (hmm_cmd(fds[i], HMM_DMIRROR_READ, buf, mirror,
+			    HMM_EXIT_NPAGES, &cmd))
+			return 3;
+	}
+	loop.fds = fds;
+	if (pthread_barrier_init(&loop.running, NULL, 2) ||
+	    pthread_create(&thread, NULL, hmm_exit_loop_fn, &loop))
+		return 4;
+	pthread_barrier_wait(&loop.running);
+	_exit(0);
+}
+
+/*
+ * A process exits while a thread of it keeps unmapping ranges that devices
+ * in two passes mirror, so that invalidations are in flight: it exits
+ * normally, and every notifier of its mirrors is gone once it is reaped.
+ * Half of the devices have a notifier per leaf, half one for the whole
+ * space.
+ */
+TEST_F(hmm_config, exit_during_invalidation)
+{
+	struct hmm_dmirror_settings set = {
+		.invalidation = HMM_DMIRROR_TWO_PASS,
+		.flush_latency_ns = 2 * HMM_MS,
+		.leaf_size = HMM_LEAF_SIZE,
+	};
+	int fd[HMM_NPRIVATE], status;
+	unsigned int d, round;
+	char why[128];
+	pid_t pid;
+
+	if (hmm_private_missing(HMM_NPRIVATE, why, sizeof(why)))
+		SKIP(return, "%s", why);
+	for (d = 0; d < HMM_NPRIVATE; d++) {
+		set.notifier_model = d % 2 ? HMM_DMIRROR_NOTIFIER_WHOLE :
+					     HMM_DMIRROR_NOTIFIER_PER_LEAF;
+		fd[d] = hmm_open_set(&self->saved, d, &set);
+		ASSERT_LE(0, fd[d]);
+		ASSERT_EQ(0, hmm_live_notifiers(hmm_private_ids[d]))
+			TH_LOG("device %d: notifiers left by an earlier test",
+			       hmm_private_ids[d]);
+	}
+
+	for (round = 0; round < HMM_EXIT_ROUNDS; round++) {
+		fflush(NULL);
+		pid = fork();
+		ASSERT_LE(0, pid);
+		if (!pid)
+			_exit(hmm_child_exit_busy(HMM_NPRIVATE,
+						  self->page_size));
+		ASSERT_EQ(pid, hmm_waitpid(pid, &status));
+		ASSERT_TRUE(WIFEXITED(status))
+			TH_LOG("round %u: child status 0x%x", round, status);
+		ASSERT_EQ(0, WEXITSTATUS(status)) TH_LOG("round %u", round);
+		for (d = 0; d < HMM_NPRIVATE; d++) {
+			ASSERT_EQ(0, hmm_live_notifiers(hmm_private_ids[d]))
+				TH_LOG("round %u: device %d: notifiers left by the child",
+				       round, hmm_private_ids[d]);
+		}
+	}
+	for (d = 0; d < HMM_NPRIVATE; d++)
+		close(fd[d]);
+}
+
+#define HMM_OOM_DEVICES		4
+#define HMM_OOM_MEMORY_MAX	(64L << 20)
+#define HMM_OOM_CHUNK		(4UL << 20)
+
+/* Whether @word is one of the words of the small file @path. */
+static bool hmm_file_has_word(const char *path, const char *word)
+{
+	char buf[512], *tok, *save;
+
+	if (hmm_read_file(path, buf, sizeof(buf)))
+		return false;
+	for (tok = strtok_r(buf, "\n ", &save); tok;
+	     tok = strtok_r(NULL, "\n ", &save))
+		if (!strcmp(tok, word))
+			return true;
+	return false;
+}
+
+/* The value of the "@key value" line of @path, -1 if there is none. */
+static long hmm_read_key(const char *path, const char *key)
+{
+	size_t klen = strlen(key);
+	char buf[1024], *line, *save;
+
+	if (hmm_read_file(path, buf, sizeof(buf)))
+		return -1;
+	for (line = strtok_r(buf, "\n", &save); line;
+	     line = strtok_r(NULL, "\n", &save))
+		if (!strncmp(line, key, klen) && line[klen] == ' ')
+			return strtol(line + klen + 1, NULL, 10);
+	return -1;
+}
+
+/*
+ * Body of the child of oom_kill: move into the cgroup of @procs, mirror a
+ * buffer on @n devices, then use memory until the OOM killer kills it.
+ * Returns only on failure: its status.
+ */
+static int hmm_child_oom(const char *procs, unsigned int n, size_t page_size)
+{
+	const __u64 npages = HMM_NPAGES;
+	size_t size = npages * page_size;
+	struct hmm_dmirror_cmd cmd;
+	char *buf, *mirror, *p;
+	unsigned int i;
+	int fd;
+
+	if (hmm_write_long(procs, 0))
+		return 1;
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	mirror = malloc(size);
+	if (!buf || !mirror)
+		return 2;
+	hmm_fill(buf, size, 0x00b);
+	for (i = 0; i < n; i++) {
+		fd = hmm_open(hmm_private_ids[i]);
+		if (fd < 0)
+			return 3;
+		if (hmm_cmd(fd, HMM_DMIRROR_READ, buf, mirror, npages, &cmd))
+			return 4;
+	}
+	for (;;) {
+		p = hmm_map_anon(HMM_OOM_CHUNK, PROT_READ | PROT_WRITE,
+				 MAP_PRIVATE);
+		if (!p)
+			return 5;
+		memset(p, 0x5a, HMM_OOM_CHUNK);
+	}
+}
+
+/*
+ * A process whose devices mirror its memory in two passes, with flushes
+ * that take time, is killed by the OOM killer of its memory cgroup. The
+ * kill is a plain SIGKILL, and the process leaves no notifier behind. The
+ * OOM reaper's invalidations may not block, so the devices may refuse
+ * them; the log says how many they did.
+ */
+TEST_F(hmm_config, oom_kill)
+{
+	const struct hmm_dmirror_settings set = {
+		.notifier_model = HMM_DMIRROR_NOTIFIER_PER_LEAF,
+		.invalidation = HMM_DMIRROR_TWO_PASS,
+		.flush_latency_ns = 5 * HMM_MS,
+		.leaf_size = HMM_LEAF_SIZE,
+	};
+	struct hmm_dmirror_stats stats;
+	int fd[HMM_OOM_DEVICES], status, ret;
+	char path[128], why[128];
+	unsigned long long refused = 0;
+	unsigned int d;
+	pid_t pid;
+
+	if (hmm_private_missing(HMM_OOM_DEVICES, why, sizeof(why)))
+		SKIP(return, "%s", why);
+	if (!hmm_file_has_word(HMM_CGROUP_ROOT "/cgroup.controllers",
+			       "memory"))
+		SKIP(return, "no memory controller: no cgroup2 at %s or no CONFIG_MEMCG",
+		     HMM_CGROUP_ROOT);
+	if (!hmm_file_has_word(HMM_SUBTREE_CONTROL, "memory")) {
+		ret = hmm_write_str(HMM_SUBTREE_CONTROL, "+memory");
+		if (ret)
+			SKIP(return, "cannot enable the memory controller in %s: %s",
+			     HMM_SUBTREE_CONTROL, strerror(-ret));
+		self->memory_enabled = true;
+	}
+	snprintf(self->cgroup, sizeof(self->cgroup), "%s/hmm-tests.%d",
+		 HMM_CGROUP_ROOT, getpid());
+	ASSERT_EQ(0, mkdir(self->cgroup, 0755))
+		TH_LOG("mkdir %s: %s", self->cgroup, strerror(errno));
+	snprintf(path, sizeof(path), "%s/memory.max", self->cgroup);
+	ASSERT_EQ(0, hmm_write_long(path, HMM_OOM_MEMORY_MAX));
+	snprintf(path, sizeof(path), "%s/memory.swap.max", self->cgroup);
+	ret = access(path, F_OK) ? 0 : hmm_write_long(path, 0);
+	ASSERT_EQ(0, ret) TH_LOG("%s: %s", path, strerror(-ret));
+
+	ASSERT_TRUE(hmm_open_set_n(&self->saved, fd, HMM_OOM_DEVICES, &set));
+	for (d = 0; d < HMM_OOM_DEVICES; d++)
+		ASSERT_EQ(0, hmm_stats_reset(fd[d]));
+
+	snprintf(path, sizeof(path), "%s/cgroup.procs", self->cgroup);
+	fflush(NULL);
+	pid = fork();
+	ASSERT_LE(0, pid);
+	if (!pid)
+		_exit(hmm_child_oom(path, HMM_OOM_DEVICES, self->page_size));
+	ASSERT_EQ(pid, hmm_waitpid(pid, &status));
+	ASSERT_TRUE(WIFSIGNALED(status))
+		TH_LOG("child not killed: status 0x%x", status);
+	ASSERT_EQ(SIGKILL, WTERMSIG(status));
+	snprintf(path, sizeof(path), "%s/memory.events", self->cgroup);
+	ASSERT_LE(1, hmm_read_key(path, "oom_kill"))
+		TH_LOG("the memory cgroup's OOM killer did not kill the child");
+
+	for (d = 0; d < HMM_OOM_DEVICES; d++) {
+		ASSERT_EQ(0, hmm_live_notifiers(hmm_private_ids[d]))
+			TH_LOG("device %d: notifiers left by the child",
+			       hmm_private_ids[d]);
+		ASSERT_EQ(0, hmm_stats(fd[d], &stats));
+		refused += stats.nonblock_refused;
+		close(fd[d]);
+	}
+	TH_LOG("non-blockable invalidations refused: %llu", refused);
+
+	ASSERT_EQ(0, rmdir(self->cgroup))
+		TH_LOG("rmdir %s: %s", self->cgroup, strerror(errno));
+	self->cgroup[0] = '\0';
+}
+
+/* Sum the counters of the devices of the @n files @fd: 0 or -errno. */
+static int hmm_stats_sum(const int *fd, unsigned int n,
+			 struct hmm_dmirror_stats *sum)
+{
+	const __u64 *val;
+	__u64 *acc = (__u64 *)sum;
+	struct hmm_dmirror_stats stats;
+	unsigned int i, j;
+	int ret;
+
+	memset(sum, 0, sizeof(*sum));
+	for (i = 0; i < n; i++) {
+		ret = hmm_stats(fd[i], &stats);
+		if (ret)
+			return ret;
+		val = (const __u64 *)&stats;
+		for (j = 0; j < sizeof(stats) / sizeof(*val); j++)
+			acc[j] += val[j];
+	}
+	return 0;
+}
+
+#define HMM_REAP_SLOW		4	/* devices that make munmap() slow */
+#define HMM_REAP_NPAGES		16
+#define HMM_REAP_WAIT_NS	(10000 * HMM_MS)
+
+/*
+ * Body of the child of reap_mirrored: mirror buffer A on the first
+ * HMM_REAP_SLOW devices and buffer B on the others, unmap A, then wait for
+ * end of file on @hold. Returns its exit status, but should be killed in
+ * the munmap().
+ */
+static int hmm_child_reap(int hold, size_t page_size)
+{
+	size_t size = HMM_REAP_NPAGES * page_size;
+	struct hmm_dmirror_cmd cmd;
+	char *a, *b, *mirror, c;
+	unsigned int i;
+	int fd;
+
+	/* Whole leaves of their own: no other munmap() reaches A's devices. */
+	a = hmm_map_aligned(size, HMM_LEAF_SIZE);
+	b = hmm_map_aligned(size, HMM_LEAF_SIZE);
+	mirror = malloc(size);
+	if (!a || !b || !mirror)
+		return 1;
+	hmm_fill(a, size, 0xa);
+	hmm_fill(b, size, 0xb);
+	for (i = 0; i < HMM_NPRIVATE; i++) {
+		fd = hmm_open(hmm_private_ids[i]);
+		if (fd < 0)
+			return 2;
+		if (hmm_cmd(fd, HMM_DMIRROR_READ, i < HMM_REAP_SLOW ? a : b,
+			    mirror, HMM_REAP_NPAGES, &cmd))
+			return 3;
+	}
+	munmap(a, size);
+	while (read(hold, &c, 1) < 0 && errno == EINTR)
+		;
+	return 4;
+}
+
+static const struct {
+	const char	*name;
+	__u64		latency_ns;	/* of the devices mirroring B */
+	int		err;		/* of process_mrelease(), 0 if none */
+} hmm_reap_cases[] = {
+	{ "flushes take time", 5 * HMM_MS, EAGAIN },
+	{ "flushes complete at once", 0, 0 },
+};
+
+/*
+ * process_mrelease() reaps the memory of a killed process the way the OOM
+ * reaper does, with invalidations that may not block. A device that would
+ * have to wait for its flush refuses them, so memory it maps is not reaped
+ * and the call fails with EAGAIN; a device whose flush completes at once
+ * lets the reaper take the memory from it. Either way the process dies of
+ * its SIGKILL and leaves no notifier behind.
+ *
+ * The child is killed while it is inside an munmap() that HMM_REAP_SLOW
+ * single-pass devices with 100 ms flushes make last that many times 100 ms
+ * from when the parent sees the first of them told: until it returns, the
+ * child keeps its memory for the reaper to find.
+ */
+TEST_F(hmm_config, reap_mirrored)
+{
+	struct hmm_dmirror_settings set = {
+		.notifier_model = HMM_DMIRROR_NOTIFIER_PER_LEAF,
+		.leaf_size = HMM_LEAF_SIZE,
+	};
+	int fd[HMM_NPRIVATE], hold[2], pidfd, status = 0, err;
+	struct hmm_dmirror_stats sum;
+	unsigned int i, d;
+	char why[128];
+	__u64 t0;
+	pid_t pid;
+
+	if (hmm_private_missing(HMM_NPRIVATE, why, sizeof(why)))
+		SKIP(return, "%s", why);
+
+	for (i = 0; i < ARRAY_SIZE(hmm_reap_cases); i++) {
+		const char *name = hmm_reap_cases[i].name;
+
+		for (d = 0; d < HMM_NPRIVATE; d++) {
+			bool slow = d < HMM_REAP_SLOW;
+
+			set.invalidation = slow ? HMM_DMIRROR_SINGLE_PASS :
+						  HMM_DMIRROR_TWO_PASS;
+			set.flush_latency_ns = slow ? 100 * HMM_MS :
+					       hmm_reap_cases[i].latency_ns;
+			fd[d] = hmm_open_set(&self->saved, d, &set);
+			ASSERT_LE(0, fd[d]);
+			ASSERT_EQ(0, hmm_stats_reset(fd[d]));
+		}
+
+		ASSERT_EQ(0, pipe2(hold, O_CLOEXEC));
+		fflush(NULL);
+		pid = fork();
+		ASSERT_LE(0, pid);
+		if (!pid) {
+			close(hold[1]);
+			_exit(hmm_child_reap(hold[0], self->page_size));
+		}
+		close(hold[0]);
+		pidfd = syscall(__NR_pidfd_open, pid, 0);
+		ASSERT_LE(0, pidfd) TH_LOG("pidfd_open: %s", strerror(errno));
+
+		/* Wait for the munmap() of A to reach a slow device. */
+		t0 = hmm_now_ns();
+		do {
+			ASSERT_EQ(0, waitpid(pid, &status, WNOHANG))
+				TH_LOG("%s: child exited, status 0x%x", name,
+				       status);
+			ASSERT_GT(HMM_REAP_WAIT_NS, hmm_now_ns() - t0)
+				TH_LOG("%s: the child did not unmap A", name);
+			ASSERT_EQ(0, hmm_stats_sum(fd, HMM_REAP_SLOW, &sum));
+		} while (!sum.invalidations[HMM_DMIRROR_EVENT_UNMAP]);
+
+		ASSERT_EQ(0, kill(pid, SIGKILL));
+		err = syscall(__NR_process_mrelease, pidfd, 0) ? errno : 0;
+		ASSERT_EQ(hmm_reap_cases[i].err, err)
+			TH_LOG("%s: process_mrelease(): %s", name,
+			       strerror(err));
+		ASSERT_EQ(pid, hmm_waitpid(pid, &status));
+		ASSERT_TRUE(WIFSIGNALED(status))
+			TH_LOG("%s: child status 0x%x", name, status);
+		ASSERT_EQ(SIGKILL, WTERMSIG(status));
+
+		ASSERT_EQ(0, hmm_stats_sum(fd + HMM_REAP_SLOW,
+					   HMM_NPRIVATE - HMM_REAP_SLOW, &sum));
+		if (hmm_reap_cases[i].err) {
+			ASSERT_LE(1ULL, sum.nonblock_refused)
+				TH_LOG("%s: no device refused", name);
+		} else {
+			ASSERT_EQ(0ULL, sum.nonblock_refused) TH_LOG("%s", name);
+			ASSERT_LE(1ULL,
+				  sum.invalidations[HMM_DMIRROR_EVENT_CLEAR])
+				TH_LOG("%s: the reaper did not reach B's devices",
+				       name);
+		}
+		for (d = 0; d < HMM_NPRIVATE; d++) {
+			ASSERT_EQ(0, hmm_live_notifiers(hmm_private_ids[d]))
+				TH_LOG("%s: device %d: notifiers left behind",
+				       name, hmm_private_ids[d]);
+			close(fd[d]);
+		}
+		close(pidfd);
+		close(hold[1]);
+	}
+}
+
+/* Mirrors whose notifiers come and go, and what they should have. */
+static const struct {
+	const char	*name;
+	__u32		notifier_model;
+	__u64		leaf_size;
+	unsigned int	nleaves;	/* the buffer covers these exactly */
+} hmm_notifier_cases[] = {
+	{ "per leaf, 2 MiB leaves", HMM_DMIRROR_NOTIFIER_PER_LEAF, 2UL << 20,
+	  3 },
+	{ "per leaf, 64 KiB leaves", HMM_DMIRROR_NOTIFIER_PER_LEAF,
+	  64UL << 10, 16 },
+	{ "whole", HMM_DMIRROR_NOTIFIER_WHOLE, 2UL << 20, 3 },
+};
+
+/*
+ * A mirror with a notifier per leaf inserts one for each leaf it faults in,
+ * once however often it reads there, and removes them when the range is
+ * unmapped. A mirror of the whole space has one notifier whatever it reads,
+ * until its file is closed. A file closed has no notifier left.
+ */
+TEST_F(hmm_config, notifier_lifetime)
+{
+	struct hmm_dmirror_settings set = {
+		.invalidation = HMM_DMIRROR_TWO_PASS,
+	};
+	struct hmm_dmirror_stats stats;
+	struct hmm_dmirror_cmd cmd;
+	unsigned int i, read;
+	char *buf, *mirror;
+	int fd, other;
+
+	for (i = 0; i < ARRAY_SIZE(hmm_notifier_cases); i++) {
+		const char *name = hmm_notifier_cases[i].name;
+		bool per_leaf = hmm_notifier_cases[i].notifier_model ==
+				HMM_DMIRROR_NOTIFIER_PER_LEAF;
+		size_t leaf = hmm_notifier_cases[i].leaf_size;
+		__u64 n = per_leaf ? hmm_notifier_cases[i].nleaves : 1;
+		size_t size = leaf * hmm_notifier_cases[i].nleaves;
+		__u64 npages = size / self->page_size;
+
+		set.notifier_model = hmm_notifier_cases[i].notifier_model;
+		set.leaf_size = leaf;
+		fd = hmm_open_set(&self->saved, 0, &set);
+		ASSERT_LE(0, fd) TH_LOG("%s", name);
+		/* Never faults: its statistics outlive fd. */
+		other = hmm_open(hmm_private_ids[0]);
+		ASSERT_LE(0, other);
+		buf = hmm_map_aligned(size, leaf);
+		ASSERT_NE(NULL, buf);
+		mirror = malloc(size);
+		ASSERT_NE(NULL, mirror);
+		hmm_fill(buf, size, 0x1ea + i);
+
+		ASSERT_EQ(0, hmm_stats_reset(fd));
+		ASSERT_EQ(0, hmm_stats(fd, &stats));
+		ASSERT_EQ(0ULL, stats.notifiers_live)
+			TH_LOG("%s: notifiers before the first fault", name);
+		for (read = 0; read < 2; read++) {
+			ASSERT_EQ(0, hmm_cmd(fd, HMM_DMIRROR_READ, buf, mirror,
+					     npages, &cmd));
+			ASSERT_EQ(read ? 0ULL : 1ULL, cmd.faults)
+				TH_LOG("%s: read #%u", name, read + 1);
+			ASSERT_EQ(-1, hmm_check(mirror, size, 0x1ea + i));
+			ASSERT_EQ(0, hmm_stats(fd, &stats));
+			ASSERT_EQ(n, stats.notifier_inserts)
+				TH_LOG("%s: read #%u", name, read + 1);
+			ASSERT_EQ(n, stats.notifiers_live)
+				TH_LOG("%s: read #%u", name, read + 1);
+		}
+
+		ASSERT_EQ(0, munmap(buf, size));
+		ASSERT_EQ(0, hmm_stats(fd, &stats));
+		ASSERT_EQ(per_leaf ? 0ULL : 1ULL, stats.notifiers_live)
+			TH_LOG("%s: after munmap()", name);
+		ASSERT_EQ(per_leaf ? n : 0ULL, stats.notifier_removals)
+			TH_LOG("%s: after munmap()", name);
+
+		ASSERT_EQ(0, close(fd));
+		ASSERT_EQ(0, hmm_stats(other, &stats));
+		ASSERT_EQ(0ULL, stats.notifiers_live)
+			TH_LOG("%s: after close()", name);
+		ASSERT_EQ(n, stats.notifier_removals)
+			TH_LOG("%s: after close()", name);
+		close(other);
+		free(mirror);
+	}
+}
+
+#define HMM_FAULT_THREADS	16
+
+/* One thread of leaf_concurrent_faults. */
+struct hmm_fault_thread {
+	pthread_t		thread;
+	pthread_barrier_t	*start;
+	int			fd;
+	char			*page;	/* the page it reads */
+	char			*mirror;
+	int			ret;
+	struct hmm_dmirror_cmd	cmd;
+};
+
+static void *hmm_fault_thread_fn(void *arg)
+{
+	struct hmm_fault_thread *t = arg;
+
+	pthread_barrier_wait(t->start);
+	t->ret = hmm_cmd(t->fd, HMM_DMIRROR_READ, t->page, t->mirror, 1,
+			 &t->cmd);
+	return NULL;
+}
+
+/*
+ * Threads of a process fault different pages of one leaf at once through
+ * one mirror: it creates one leaf with one notifier, and every thread
+ * reads its page.
+ */
+TEST_F(hmm_config, leaf_concurrent_faults)
+{
+	const struct hmm_dmirror_settings set = {
+		.notifier_model = HMM_DMIRROR_NOTIFIER_PER_LEAF,
+		.invalidation = HMM_DMIRROR_TWO_PASS,
+		.leaf_size = HMM_LEAF_SIZE,
+	};
+	struct hmm_fault_thread t[HMM_FAULT_THREADS] = { 0 };
+	size_t ps = self->page_size, size = HMM_FAULT_THREADS * ps;
+	struct hmm_dmirror_stats stats;
+	pthread_barrier_t start;
+	char *buf, *mirror;
+	unsigned int i;
+	int fd;
+
+	fd = hmm_open_set(&self->saved, 0, &set);
+	ASSERT_LE(0, fd);
+	buf = hmm_map_aligned(size, HMM_LEAF_SIZE);
+	ASSERT_NE(NULL, buf);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	hmm_fill(buf, size, 0xc0c);
+	ASSERT_EQ(0, hmm_stats_reset(fd));
+
+	ASSERT_EQ(0, pthread_barrier_init(&start, NULL, HMM_FAULT_THREADS));
+	for (i = 0; i < HMM_FAULT_THREADS; i++) {
+		t[i].start = &start;
+		t[i].fd = fd;
+		t[i].page = buf + i * ps;
+		t[i].mirror = mirror + i * ps;
+		ASSERT_EQ(0, pthread_create(&t[i].thread, NULL,
+					    hmm_fault_thread_fn, &t[i]));
+	}
+	for (i = 0; i < HMM_FAULT_THREADS; i++)
+		ASSERT_EQ(0, pthread_join(t[i].thread, NULL));
+	for (i = 0; i < HMM_FAULT_THREADS; i++) {
+		ASSERT_EQ(0, t[i].ret) TH_LOG("thread %u", i);
+		ASSERT_EQ(1ULL, t[i].cmd.cpages) TH_LOG("thread %u", i);
+		ASSERT_EQ(0, memcmp(t[i].page, t[i].mirror, ps))
+			TH_LOG("thread %u read wrong data", i);
+	}
+
+	ASSERT_EQ(0, hmm_stats(fd, &stats));
+	ASSERT_EQ(1ULL, stats.notifier_inserts);
+	ASSERT_EQ(1ULL, stats.notifiers_live);
+	ASSERT_EQ(0, pthread_barrier_destroy(&start));
+	free(mirror);
+	munmap(buf, size);
+	close(fd);
+}
+
+#define HMM_HEAVY_BUFS		32
+#define HMM_HEAVY_LEAVES	4		/* per buffer */
+#define HMM_HEAVY_LEAF		(64UL << 10)
+
+/*
+ * A mirror with many leaves in many mappings: unmapping half of the
+ * mappings removes their notifiers and keeps the others, which still map
+ * their pages; closing the file removes all that are left.
+ */
+TEST_F(hmm_config, leaf_heavy_close)
+{
+	const struct hmm_dmirror_settings set = {
+		.notifier_model = HMM_DMIRROR_NOTIFIER_PER_LEAF,
+		.invalidation = HMM_DMIRROR_TWO_PASS,
+		.leaf_size = HMM_HEAVY_LEAF,
+	};
+	const __u64 nleaves = HMM_HEAVY_BUFS * HMM_HEAVY_LEAVES;
+	size_t size = HMM_HEAVY_LEAVES * HMM_HEAVY_LEAF;
+	__u64 npages = size / self->page_size;
+	char *buf[HMM_HEAVY_BUFS], *mirror;
+	struct hmm_dmirror_stats stats;
+	struct hmm_dmirror_cmd cmd;
+	unsigned int b;
+	int fd, other;
+
+	fd = hmm_open_set(&self->saved, 0, &set);
+	ASSERT_LE(0, fd);
+	other = hmm_open(hmm_private_ids[0]);
+	ASSERT_LE(0, other);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	ASSERT_EQ(0, hmm_stats_reset(fd));
+	for (b = 0; b < HMM_HEAVY_BUFS; b++) {
+		buf[b] = hmm_map_aligned(size, HMM_HEAVY_LEAF);
+		ASSERT_NE(NULL, buf[b]);
+		hmm_fill(buf[b], size, b);
+		ASSERT_EQ(0, hmm_cmd(fd, HMM_DMIRROR_READ, buf[b], mirror,
+				     npages, &cmd));
+	}
+	ASSERT_EQ(0, hmm_stats(fd, &stats));
+	ASSERT_EQ(nleaves, stats.notifier_inserts);
+	ASSERT_EQ(nleaves, stats.notifiers_live);
+
+	for (b = 0; b < HMM_HEAVY_BUFS; b += 2)
+		ASSERT_EQ(0, munmap(buf[b], size));
+	ASSERT_EQ(0, hmm_stats(fd, &stats));
+	ASSERT_EQ(nleaves / 2, stats.notifiers_live);
+	ASSERT_EQ(nleaves / 2, stats.notifier_removals);
+	for (b = 1; b < HMM_HEAVY_BUFS; b += 2) {
+		ASSERT_EQ(0, hmm_cmd(fd, HMM_DMIRROR_READ, buf[b], mirror,
+				     npages, &cmd));
+		ASSERT_EQ(0ULL, cmd.faults) TH_LOG("buffer %u lost its leaves",
+						   b);
+		ASSERT_EQ(-1, hmm_check(mirror, size, b));
+	}
+
+	ASSERT_EQ(0, close(fd));
+	ASSERT_EQ(0, hmm_stats(other, &stats));
+	ASSERT_EQ(0ULL, stats.notifiers_live);
+	ASSERT_EQ(nleaves, stats.notifier_removals);
+	for (b = 1; b < HMM_HEAVY_BUFS; b += 2)
+		munmap(buf[b], size);
+	free(mirror);
+	close(other);
+}
+
+enum hmm_setting {
+	HMM_SET_MODEL,
+	HMM_SET_MODE,
+	HMM_SET_LATENCY,
+	HMM_SET_LEAF_SIZE,
+	HMM_SET_FLAGS,
+	HMM_SET_RESERVED,
+};
+
+/* Settings a device cannot have: one field set to @value. */
+static const struct {
+	const char		*name;
+	enum hmm_setting	field;
+	__u64			value;
+} hmm_bad_settings[] = {
+	{ "notifier model 2", HMM_SET_MODEL, 2 },
+	{ "notifier model 0xffffffff", HMM_SET_MODEL, 0xffffffff },
+	{ "invalidation 2", HMM_SET_MODE, 2 },
+	{ "invalidation 0xffffffff", HMM_SET_MODE, 0xffffffff },
+	{ "flush latency 100 ms + 1 ns", HMM_SET_LATENCY, 100 * HMM_MS + 1 },
+	{ "flush latency 2^64 - 1", HMM_SET_LATENCY, ~0ULL },
+	{ "leaf size 0", HMM_SET_LEAF_SIZE, 0 },
+	{ "leaf size 2 KiB, below a page", HMM_SET_LEAF_SIZE, 2 << 10 },
+	{ "leaf size 3 KiB", HMM_SET_LEAF_SIZE, 3 << 10 },
+	{ "leaf size 3 MiB", HMM_SET_LEAF_SIZE, 3 << 20 },
+	{ "leaf size 1 GiB + 4 KiB", HMM_SET_LEAF_SIZE, (1ULL << 30) + 4096 },
+	{ "leaf size 2 GiB", HMM_SET_LEAF_SIZE, 2ULL << 30 },
+	{ "leaf size 2^63", HMM_SET_LEAF_SIZE, 1ULL << 63 },
+	{ "unknown flag 0x2", HMM_SET_FLAGS, 0x2 },
+	{ "unknown flag 0x80000000", HMM_SET_FLAGS, 0x80000000 },
+	{ "reserved 1", HMM_SET_RESERVED, 1 },
+};
+
+static void hmm_setting_patch(struct hmm_dmirror_settings *set,
+			      enum hmm_setting field, __u64 value)
+{
+	switch (field) {
+	case HMM_SET_MODEL:
+		set->notifier_model = value;
+		break;
+	case HMM_SET_MODE:
+		set->invalidation = value;
+		break;
+	case HMM_SET_LATENCY:
+		set->flush_latency_ns = value;
+		break;
+	case HMM_SET_LEAF_SIZE:
+		set->leaf_size = value;
+		break;
+	case HMM_SET_FLAGS:
+		set->flags = value;
+		break;
+	case HMM_SET_RESERVED:
+		set->reserved = value;
+		break;
+	}
+}
+
+/*
+ * Settings with one bad field are refused with EINVAL as a whole: the
+ * device keeps the settings it had.
+ */
+TEST_F(hmm_config, settings_invalid)
+{
+	/* Not the defaults, so that a partial update would show. */
+	const struct hmm_dmirror_settings good = {
+		.notifier_model = HMM_DMIRROR_NOTIFIER_WHOLE,
+		.invalidation = HMM_DMIRROR_SINGLE_PASS,
+		.flush_latency_ns = 3 * HMM_MS,
+		.leaf_size = 1UL << 20,
+	};
+	struct hmm_dmirror_settings set, got;
+	unsigned int i;
+	int fd;
+
+	fd = hmm_open_set(&self->saved, 0, &good);
+	ASSERT_LE(0, fd);
+	for (i = 0; i < ARRAY_SIZE(hmm_bad_settings); i++) {
+		const char *name = hmm_bad_settings[i].name;
+
+		set = good;
+		hmm_setting_patch(&set, hmm_bad_settings[i].field,
+				  hmm_bad_settings[i].value);
+		EXPECT_EQ(-EINVAL, hmm_set_settings(fd, &set)) TH_LOG("%s", name);
+		ASSERT_EQ(0, hmm_get_settings(fd, &got));
+		EXPECT_EQ(0, memcmp(&good, &got, sizeof(got)))
+			TH_LOG("%s: the settings changed", name);
+	}
+	close(fd);
+}
+
+/* Settings at and within the limits; a leaf size of 0 means a page. */
+static const struct hmm_dmirror_settings hmm_good_settings[] = {
+	{
+		.notifier_model = HMM_DMIRROR_NOTIFIER_WHOLE,
+		.invalidation = HMM_DMIRROR_SINGLE_PASS,
+		.flush_latency_ns = 0,
+		.leaf_size = 0,
+	}, {
+		.notifier_model = HMM_DMIRROR_NOTIFIER_PER_LEAF,
+		.invalidation = HMM_DMIRROR_TWO_PASS,
+		.flush_latency_ns = 100 * HMM_MS,
+		.leaf_size = 1ULL << 30,
+	}, {
+		.notifier_model = HMM_DMIRROR_NOTIFIER_WHOLE,
+		.invalidation = HMM_DMIRROR_TWO_PASS,
+		.flush_latency_ns = 1,
+		.leaf_size = 64UL << 10,
+	}, {
+		.notifier_model = HMM_DMIRROR_NOTIFIER_PER_LEAF,
+		.invalidation = HMM_DMIRROR_SINGLE_PASS,
+		.flush_latency_ns = 200 * 1000,
+		.leaf_size = 2UL << 20,
+	},
+};
+
+/* The device stores any settings within the limits, and returns them. */
+TEST_F(hmm_config, settings_roundtrip)
+{
+	struct hmm_dmirror_settings set, got;
+	unsigned int i;
+	int fd;
+
+	fd = hmm_open_set(&self->saved, 0, NULL);
+	ASSERT_LE(0, fd);
+	for (i = 0; i < ARRAY_SIZE(hmm_good_settings); i++) {
+		set = hmm_good_settings[i];
+		if (!set.leaf_size)
+			set.leaf_size = self->page_size;
+		EXPECT_EQ(0, hmm_set_settings(fd, &set)) TH_LOG("case %u", i);
+		memset(&got, 0xee, sizeof(got));
+		ASSERT_EQ(0, hmm_get_settings(fd, &got));
+		EXPECT_EQ(0, memcmp(&set, &got, sizeof(got)))
+			TH_LOG("case %u: read back differs", i);
+	}
+	close(fd);
 }
 
 TEST_HARNESS_MAIN
