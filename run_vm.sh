@@ -159,6 +159,7 @@ perl perl
 /usr/include/libelf.h libelf-dev
 /usr/include/openssl/ssl.h libssl-dev
 /usr/lib/x86_64-linux-gnu/libc.a libc6-dev
+/usr/lib/x86_64-linux-gnu/liburing.a liburing-dev
 "
 
 missing_packages() {
@@ -384,17 +385,21 @@ build_module() {
 		die 125 "module build failed; see $MODDIR/build.log"
 }
 
-# The test programs, static, against the tree's harness and UAPI headers.
+# The test programs, static, against the tree's harness and UAPI headers;
+# our lib/test_hmm_uapi.h comes before the tree's, the tree gives
+# mm/gup_test.h. liburing is optional in a kernel tree, here it is used.
 build_tests() {
 	local out=$CACHE/run/$BUILD_NAME prog
 	mkdir -p "$out"
 	: >"$out/tests-build.log"
 	for prog in hmm-tests hmm-bench; do
-		gcc -static -O2 -Wall -Wextra \
+		gcc -static -O2 -Wall -Wextra -DHMM_HAVE_LIBURING \
 			-isystem "$KBUILD/usr/include" \
 			-I "$KSRC/tools/testing/selftests" -I "$REPO" \
+			-I "$KSRC" \
 			-o "$out/$prog" \
-			"$REPO/tools/testing/selftests/mm/$prog.c" -lpthread \
+			"$REPO/tools/testing/selftests/mm/$prog.c" \
+			-luring -lpthread \
 			>>"$out/tests-build.log" 2>&1 ||
 			die 125 "$prog build failed; see $out/tests-build.log"
 	done
