@@ -1782,445 +1782,6 @@ static int dmirror_access(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
 }
 
 /* ------------------------------------------------------------------------
- * Migration
- */
-
-/* Whether the device takes migrations of large folios as large folios. */
-static bool dmirror_want_large(unsigned long src)
-{
-	return thp_migration_supported() && (src & MIGRATE_PFN_COMPOUND);
-}
-
-static bool dmirror_fail_alloc(struct dmirror *dmirror)
-{
-	return test_and_clear_bit(0, &dmirror->flags);
-}
-
-static void dmirror_copy_in(struct page *dpage, struct page *spage)
-{
-	struct page *to = dmirror_page_storage(dpage);
-
-	if (spage)
-		copy_highpage(to, spage);
-	else
-		clear_highpage(to);
-}
-
-/**
- * dmirror_migrate_alloc_to_dev() - fill the destinations of a migration
- * @dmirror: mirror asking, for the one-shot allocation failure flag
- * @args: migrate_vma_setup() output
- *
- * A large source gets a large device folio when the device has one, else
- * 4 KiB device pages (migrate_vma_pages() then splits the source). A source
- * that finds no device memory stays where it is. An empty source (a hole or
- * the zero page) becomes zeroed device memory.
- */
-static void dmirror_migrate_alloc_to_dev(struct dmirror *dmirror,
-					 struct migrate_vma *args)
-{
-	struct dmirror_device *mdevice = dmirror->mdevice;
-	unsigned long i = 0, j, nr;
-
-	while (i < args->npages) {
-		unsigned long src = args->src[i];
-		struct page *spage = migrate_pfn_to_page(src);
-		unsigned long write = src & MIGRATE_PFN_WRITE;
-		struct folio *dfolio = NULL;
-
-		nr = 1;
-		if (dmirror_want_large(src))
-			nr = spage ? folio_nr_pages(page_folio(spage)) :
-				     HPAGE_PMD_NR;
-		if (!(src & MIGRATE_PFN_MIGRATE)) {
-			i += nr;
-			continue;
-		}
-		if (nr > 1 && !dmirror_fail_alloc(dmirror))
-			dfolio = dmirror_devmem_alloc(mdevice, ilog2(nr));
-		if (dfolio) {
-			args->dst[i] = migrate_pfn(folio_pfn(dfolio)) | write |
-				       MIGRATE_PFN_COMPOUND;
-			for (j = 0; j < nr; j++)
-				dmirror_copy_in(folio_page(dfolio, j),
-						spage ? spage + j : NULL);
-			i += nr;
-			continue;
-		}
-		/* One page at a time: a large source is split. */
-		for (j = 0; j < nr && i + j < args->npages; j++) {
-			dfolio = dmirror_devmem_alloc(mdevice, 0);
-			if (!dfolio)
-				break;
-			args->dst[i + j] = migrate_pfn(folio_pfn(dfolio)) |
-					   write;
-			dmirror_copy_in(&dfolio->page, spage ? spage + j : NULL);
-		}
-		i += nr;
-	}
-}
-
-/**
- * dmirror_migrate_alloc_to_sys() - fill the destinations of a migration back
- * @args: migrate_vma_setup() or migrate_device_range() output
- * @vma: VMA for NUMA placement, NULL when evicting without one
- * @fail_large: allocate 4 KiB pages even for large sources (one-shot flag)
- *
- * Memory comes from the node the VMA's memory policy chooses. A large
- * source whose large allocation fails falls back to 4 KiB pages, except on
- * eviction (no VMA), which migrate_device_pages() only takes whole.
- *
- * Return: 0, or -ENOMEM if a page could not be allocated at all; that page
- * stays in device memory.
- */
-static int dmirror_migrate_alloc_to_sys(struct migrate_vma *args,
-					struct vm_area_struct *vma,
-					bool fail_large)
-{
-	unsigned long i = 0, j, nr;
-	int ret = 0;
-
-	while (i < args->npages) {
-		unsigned long src = args->src[i];
-		struct page *spage = migrate_pfn_to_page(src);
-		unsigned long addr = args->start + i * PAGE_SIZE;
-		unsigned long write = src & MIGRATE_PFN_WRITE;
-		struct folio *folio = NULL;
-		unsigned int order;
-
-		if (!spage || !(src & MIGRATE_PFN_MIGRATE)) {
-			i++;
-			continue;
-		}
-		order = folio_order(page_folio(spage));
-		nr = 1UL << order;
-		if (order && !fail_large)
-			folio = vma ? vma_alloc_folio(GFP_HIGHUSER_MOVABLE, order,
-						      vma, addr) :
-				      folio_alloc(GFP_HIGHUSER_MOVABLE, order);
-		if (folio) {
-			folio_lock(folio);
-			args->dst[i] = migrate_pfn(folio_pfn(folio)) | write |
-				       MIGRATE_PFN_COMPOUND;
-			for (j = 0; j < nr; j++)
-				copy_highpage(folio_page(folio, j),
-					      dmirror_page_storage(spage + j));
-			i += nr;
-			continue;
-		}
-		for (j = 0; j < nr && (vma || !order); j++) {
-			struct page *page = vma ?
-				alloc_page_vma(GFP_HIGHUSER_MOVABLE, vma,
-					       addr + j * PAGE_SIZE) :
-				alloc_page(GFP_HIGHUSER_MOVABLE);
-
-			if (!page)
-				break;
-			lock_page(page);
-			args->dst[i + j] = migrate_pfn(page_to_pfn(page)) | write;
-			copy_highpage(page, dmirror_page_storage(spage + j));
-		}
-		if (j < nr)
-			ret = -ENOMEM;
-		i += nr;
-	}
-	return ret;
-}
-
-/*
- * Pages migrate_vma_pages() moved: a large destination stands for all of
- * its pages, whose other entries are empty.
- */
-static unsigned long dmirror_migrated(const struct migrate_vma *args)
-{
-	unsigned long i, n = 0;
-
-	for (i = 0; i < args->npages; i++) {
-		unsigned long dst = args->dst[i];
-
-		if (!(args->src[i] & MIGRATE_PFN_MIGRATE) || !dst)
-			continue;
-		n += (dst & MIGRATE_PFN_COMPOUND) ?
-		     folio_nr_pages(page_folio(migrate_pfn_to_page(dst))) : 1;
-	}
-	return n;
-}
-
-static unsigned long dmirror_select_device(struct dmirror_device *mdevice)
-{
-	return dmirror_is_private(mdevice) ?
-	       MIGRATE_VMA_SELECT_DEVICE_PRIVATE :
-	       MIGRATE_VMA_SELECT_DEVICE_COHERENT;
-}
-
-/**
- * dmirror_migrate_batch() - migrate one batch of a VMA
- * @dmirror: mirror
- * @args: vma, start, end and the arrays set; flags set by the caller
- * @to_dev: direction
- *
- * Context: mmap lock held for read.
- * Return: pages migrated, or a negative errno.
- */
-static long dmirror_migrate_batch(struct dmirror *dmirror,
-				  struct migrate_vma *args, bool to_dev)
-{
-	long ret;
-
-	args->pgmap_owner = dmirror->mdevice;
-	ret = migrate_vma_setup(args);
-	if (ret)
-		return ret;
-	memset(args->dst, 0, args->npages * sizeof(*args->dst));
-	if (to_dev)
-		dmirror_migrate_alloc_to_dev(dmirror, args);
-	else if (dmirror_migrate_alloc_to_sys(args, args->vma,
-					      dmirror_fail_alloc(dmirror)))
-		ret = -ENOMEM;
-	migrate_vma_pages(args);
-	if (!ret)
-		ret = dmirror_migrated(args);
-	migrate_vma_finalize(args);
-	return ret;
-}
-
-/**
- * dmirror_count_local() - pages of a range the device maps in its own memory
- * @dmirror: mirror
- * @range: range, just read through the device
- *
- * Return: the number of device PTEs of @range that map this device's memory.
- */
-static unsigned long dmirror_count_local(struct dmirror *dmirror,
-					 const struct dmirror_range *range)
-{
-	unsigned long addr, n = 0;
-
-	mutex_lock(&dmirror->pt_lock);
-	for (addr = range->start; addr < range->end; addr += PAGE_SIZE) {
-		u64 pte = dmirror_pte_get(dmirror, addr);
-		struct page *page;
-
-		if (!(pte & DMIRROR_PTE_VALID))
-			continue;
-		page = pfn_to_page(pte >> DMIRROR_PTE_PFN_SHIFT);
-		n += is_zone_device_page(page) &&
-		     page_pgmap(page)->owner == dmirror->mdevice;
-	}
-	mutex_unlock(&dmirror->pt_lock);
-	return n;
-}
-
-/**
- * dmirror_migrate() - HMM_DMIRROR_MIGRATE_TO_DEV and _TO_SYS
- * @dmirror: mirror
- * @cmd: the request; cpages gets the number of pages moved
- * @range: the range of @cmd
- * @to_dev: direction
- *
- * Migrates in PMD-aligned batches, so that huge pages move whole. Migration
- * to the device then reads the range through the device, as the kernel's
- * own driver does, so @cmd->ptr receives the data, and @cmd->cpages counts
- * the pages of the range in device memory, moved now or before; migration
- * to system memory counts the pages moved.
- *
- * Return: 0; -EFAULT for a hole or memory without read access in the range;
- * -ENOENT for shared memory, which cannot move to device-private memory;
- * -ENOMEM.
- */
-static int dmirror_migrate(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
-			   const struct dmirror_range *range, bool to_dev)
-{
-	struct mm_struct *mm = dmirror->mm;
-	struct migrate_vma args = {};
-	unsigned long addr, moved = 0;
-	unsigned long *pfns;
-	long ret = 0;
-
-	pfns = kvcalloc(2 * HPAGE_PMD_NR, sizeof(*pfns), GFP_KERNEL);
-	if (!pfns)
-		return -ENOMEM;
-	args.src = pfns;
-	args.dst = pfns + HPAGE_PMD_NR;
-	args.flags = (to_dev ? MIGRATE_VMA_SELECT_SYSTEM :
-			       dmirror_select_device(dmirror->mdevice)) |
-		     MIGRATE_VMA_SELECT_COMPOUND;
-
-	mmap_read_lock(mm);
-	for (addr = range->start; addr < range->end; addr = args.end) {
-		args.vma = vma_lookup(mm, addr);
-		if (!args.vma || !(args.vma->vm_flags & VM_READ)) {
-			ret = -EFAULT;
-			break;
-		}
-		if (to_dev && (args.vma->vm_flags & VM_SHARED)) {
-			ret = -ENOENT;
-			break;
-		}
-		args.start = addr;
-		args.end = min3(range->end, args.vma->vm_end,
-				ALIGN(addr + 1, HPAGE_PMD_SIZE));
-		ret = dmirror_migrate_batch(dmirror, &args, to_dev);
-		if (ret < 0)
-			break;
-		moved += ret;
-		ret = 0;
-	}
-	mmap_read_unlock(mm);
-	kvfree(pfns);
-	if (ret)
-		return ret;
-
-	cmd->cpages = moved;
-	if (to_dev) {
-		struct hmm_dmirror_cmd readback = *cmd;
-
-		ret = dmirror_access(dmirror, &readback, range, false, false);
-		cmd->faults = readback.faults;
-		if (!ret)
-			cmd->cpages = dmirror_count_local(dmirror, range);
-	}
-	return ret;
-}
-
-/**
- * dmirror_devmem_migrate_to_ram() - &dev_pagemap_ops.migrate_to_ram
- * @vmf: CPU fault on a device-private page
- *
- * Moves the faulting page, or its whole folio when a PMD maps it, back to
- * system memory. Only the device (the pagemap owner) is needed, never a
- * mirror: a file may be closed, and its mirror freed, while its pages stay
- * in device memory.
- *
- * Return: 0, VM_FAULT_OOM or VM_FAULT_SIGBUS.
- */
-static vm_fault_t dmirror_devmem_migrate_to_ram(struct vm_fault *vmf)
-{
-	struct folio *folio = page_folio(vmf->page);
-	struct dmirror_device *mdevice = dmirror_page_chunk(vmf->page)->mdevice;
-	unsigned int order = vmf->pte ? 0 : folio_order(folio);
-	unsigned long nr = 1UL << order;
-	struct migrate_vma args = {
-		.vma = vmf->vma,
-		.start = ALIGN_DOWN(vmf->address, PAGE_SIZE << order),
-		.pgmap_owner = mdevice,
-		.flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE |
-			 (order ? MIGRATE_VMA_SELECT_COMPOUND : 0),
-		.fault_page = vmf->page,
-	};
-	vm_fault_t ret = 0;
-
-	args.end = args.start + (PAGE_SIZE << order);
-	args.src = kcalloc(nr, sizeof(*args.src), GFP_KERNEL);
-	args.dst = kcalloc(nr, sizeof(*args.dst), GFP_KERNEL);
-	if (!args.src || !args.dst) {
-		ret = VM_FAULT_OOM;
-		goto out;
-	}
-	if (migrate_vma_setup(&args)) {
-		ret = VM_FAULT_SIGBUS;
-		goto out;
-	}
-	if (dmirror_migrate_alloc_to_sys(&args, args.vma, false))
-		ret = VM_FAULT_OOM;
-	migrate_vma_pages(&args);
-	migrate_vma_finalize(&args);
-out:
-	kfree(args.src);
-	kfree(args.dst);
-	return ret;
-}
-
-static const struct dev_pagemap_ops dmirror_devmem_ops = {
-	.folio_free	= dmirror_devmem_folio_free,
-	.migrate_to_ram	= dmirror_devmem_migrate_to_ram,
-	.folio_split	= dmirror_devmem_folio_split,
-};
-
-/**
- * dmirror_chunk_evict() - move every page of a chunk back to system memory
- * @chunk: chunk, marked evicting
- *
- * Works on physical pages, whoever maps them, with migrate_device_range().
- *
- * Return: 0 or -ENOMEM.
- */
-static int dmirror_chunk_evict(struct dmirror_chunk *chunk)
-{
-	struct migrate_vma args = { .npages = chunk->npages };
-	int ret = -ENOMEM;
-
-	args.src = kvcalloc(chunk->npages, sizeof(*args.src), GFP_KERNEL);
-	args.dst = kvcalloc(chunk->npages, sizeof(*args.dst), GFP_KERNEL);
-	if (!args.src || !args.dst)
-		goto out;
-	ret = migrate_device_range(args.src, chunk->first_pfn, chunk->npages);
-	if (ret)
-		goto out;
-	ret = dmirror_migrate_alloc_to_sys(&args, NULL, false);
-	migrate_device_pages(args.src, args.dst, chunk->npages);
-	migrate_device_finalize(args.src, args.dst, chunk->npages);
-out:
-	kvfree(args.src);
-	kvfree(args.dst);
-	return ret;
-}
-
-static void dmirror_chunk_remove(struct dmirror_chunk *chunk)
-{
-	struct dmirror_device *mdevice = chunk->mdevice;
-
-	spin_lock(&mdevice->mem_lock);
-	list_del(&chunk->node);
-	spin_unlock(&mdevice->mem_lock);
-	mdevice->nr_chunks--;
-	memunmap_pages(&chunk->pagemap);
-	if (chunk->pagemap.type == MEMORY_DEVICE_PRIVATE)
-		release_mem_region(chunk->pagemap.range.start,
-				   range_len(&chunk->pagemap.range));
-	dmirror_chunk_free(chunk);
-}
-
-/**
- * dmirror_devmem_release() - HMM_DMIRROR_RELEASE: evict all device memory
- * @mdevice: device
- *
- * Processes keep running with their data moved back to system memory; the
- * chunks are given back. A chunk with a page that could not move (pinned,
- * or no system memory) stays.
- *
- * Return: 0, or -EBUSY if a chunk stayed.
- */
-static int dmirror_devmem_release(struct dmirror_device *mdevice)
-{
-	struct dmirror_chunk *chunk, *next;
-	int ret = 0;
-
-	mutex_lock(&mdevice->chunk_lock);
-	list_for_each_entry_safe(chunk, next, &mdevice->chunks, node) {
-		bool empty;
-
-		spin_lock(&mdevice->mem_lock);
-		chunk->evicting = true;
-		spin_unlock(&mdevice->mem_lock);
-
-		dmirror_chunk_evict(chunk);
-
-		spin_lock(&mdevice->mem_lock);
-		empty = !chunk->nr_used;
-		if (!empty)
-			chunk->evicting = false;
-		spin_unlock(&mdevice->mem_lock);
-		if (empty)
-			dmirror_chunk_remove(chunk);
-		else
-			ret = -EBUSY;
-	}
-	mutex_unlock(&mdevice->chunk_lock);
-	return ret;
-}
-
-/* ------------------------------------------------------------------------
  * Exclusive (atomic) access
  */
 
@@ -2591,6 +2152,482 @@ static int dmirror_snapshot(struct dmirror *dmirror,
 		cmd->cpages += n;
 	}
 	mmu_interval_notifier_remove(&snap.mni);
+	return ret;
+}
+
+/* ------------------------------------------------------------------------
+ * Migration
+ */
+
+/* Whether the device takes migrations of large folios as large folios. */
+static bool dmirror_want_large(unsigned long src)
+{
+	return thp_migration_supported() && (src & MIGRATE_PFN_COMPOUND);
+}
+
+static bool dmirror_fail_alloc(struct dmirror *dmirror)
+{
+	return test_and_clear_bit(0, &dmirror->flags);
+}
+
+static void dmirror_copy_in(struct page *dpage, struct page *spage)
+{
+	struct page *to = dmirror_page_storage(dpage);
+
+	if (spage)
+		copy_highpage(to, spage);
+	else
+		clear_highpage(to);
+}
+
+/**
+ * dmirror_migrate_alloc_to_dev() - fill the destinations of a migration
+ * @dmirror: mirror asking, for the one-shot allocation failure flag
+ * @args: migrate_vma_setup() output
+ *
+ * A large source gets a large device folio when the device has one, else
+ * 4 KiB device pages (migrate_vma_pages() then splits the source). A source
+ * that finds no device memory stays where it is. An empty source (a hole or
+ * the zero page) becomes zeroed device memory.
+ *
+ * Return: true if the device ran out of memory for a page.
+ */
+static bool dmirror_migrate_alloc_to_dev(struct dmirror *dmirror,
+					 struct migrate_vma *args)
+{
+	struct dmirror_device *mdevice = dmirror->mdevice;
+	unsigned long i = 0, j, nr;
+	bool out_of_memory = false;
+
+	while (i < args->npages) {
+		unsigned long src = args->src[i];
+		struct page *spage = migrate_pfn_to_page(src);
+		unsigned long write = src & MIGRATE_PFN_WRITE;
+		struct folio *dfolio = NULL;
+
+		nr = 1;
+		if (dmirror_want_large(src))
+			nr = spage ? folio_nr_pages(page_folio(spage)) :
+				     HPAGE_PMD_NR;
+		if (!(src & MIGRATE_PFN_MIGRATE)) {
+			i += nr;
+			continue;
+		}
+		if (nr > 1 && !dmirror_fail_alloc(dmirror))
+			dfolio = dmirror_devmem_alloc(mdevice, ilog2(nr));
+		if (dfolio) {
+			args->dst[i] = migrate_pfn(folio_pfn(dfolio)) | write |
+				       MIGRATE_PFN_COMPOUND;
+			for (j = 0; j < nr; j++)
+				dmirror_copy_in(folio_page(dfolio, j),
+						spage ? spage + j : NULL);
+			i += nr;
+			continue;
+		}
+		/* One page at a time: a large source is split. */
+		for (j = 0; j < nr && i + j < args->npages; j++) {
+			dfolio = dmirror_devmem_alloc(mdevice, 0);
+			if (!dfolio)
+				break;
+			args->dst[i + j] = migrate_pfn(folio_pfn(dfolio)) |
+					   write;
+			dmirror_copy_in(&dfolio->page, spage ? spage + j : NULL);
+		}
+		out_of_memory |= j < nr;
+		i += nr;
+	}
+	return out_of_memory;
+}
+
+/**
+ * dmirror_migrate_alloc_to_sys() - fill the destinations of a migration back
+ * @args: migrate_vma_setup() or migrate_device_range() output
+ * @vma: VMA for NUMA placement, NULL when evicting without one
+ * @fail_large: allocate 4 KiB pages even for large sources (one-shot flag)
+ *
+ * Memory comes from the node the VMA's memory policy chooses. A large
+ * source whose large allocation fails falls back to 4 KiB pages, except on
+ * eviction (no VMA), which migrate_device_pages() only takes whole.
+ *
+ * Return: 0, or -ENOMEM if a page could not be allocated at all; that page
+ * stays in device memory.
+ */
+static int dmirror_migrate_alloc_to_sys(struct migrate_vma *args,
+					struct vm_area_struct *vma,
+					bool fail_large)
+{
+	unsigned long i = 0, j, nr;
+	int ret = 0;
+
+	while (i < args->npages) {
+		unsigned long src = args->src[i];
+		struct page *spage = migrate_pfn_to_page(src);
+		unsigned long addr = args->start + i * PAGE_SIZE;
+		unsigned long write = src & MIGRATE_PFN_WRITE;
+		struct folio *folio = NULL;
+		unsigned int order;
+
+		if (!spage || !(src & MIGRATE_PFN_MIGRATE)) {
+			i++;
+			continue;
+		}
+		order = folio_order(page_folio(spage));
+		nr = 1UL << order;
+		if (order && !fail_large)
+			folio = vma ? vma_alloc_folio(GFP_HIGHUSER_MOVABLE, order,
+						      vma, addr) :
+				      folio_alloc(GFP_HIGHUSER_MOVABLE, order);
+		if (folio) {
+			folio_lock(folio);
+			args->dst[i] = migrate_pfn(folio_pfn(folio)) | write |
+				       MIGRATE_PFN_COMPOUND;
+			for (j = 0; j < nr; j++)
+				copy_highpage(folio_page(folio, j),
+					      dmirror_page_storage(spage + j));
+			i += nr;
+			continue;
+		}
+		for (j = 0; j < nr && (vma || !order); j++) {
+			struct page *page = vma ?
+				alloc_page_vma(GFP_HIGHUSER_MOVABLE, vma,
+					       addr + j * PAGE_SIZE) :
+				alloc_page(GFP_HIGHUSER_MOVABLE);
+
+			if (!page)
+				break;
+			lock_page(page);
+			args->dst[i + j] = migrate_pfn(page_to_pfn(page)) | write;
+			copy_highpage(page, dmirror_page_storage(spage + j));
+		}
+		if (j < nr)
+			ret = -ENOMEM;
+		i += nr;
+	}
+	return ret;
+}
+
+/*
+ * Pages migrate_vma_pages() moved: a large destination stands for all of
+ * its pages, whose other entries are empty.
+ */
+static unsigned long dmirror_migrated(const struct migrate_vma *args)
+{
+	unsigned long i, n = 0;
+
+	for (i = 0; i < args->npages; i++) {
+		unsigned long dst = args->dst[i];
+
+		if (!(args->src[i] & MIGRATE_PFN_MIGRATE) || !dst)
+			continue;
+		n += (dst & MIGRATE_PFN_COMPOUND) ?
+		     folio_nr_pages(page_folio(migrate_pfn_to_page(dst))) : 1;
+	}
+	return n;
+}
+
+static unsigned long dmirror_select_device(struct dmirror_device *mdevice)
+{
+	return dmirror_is_private(mdevice) ?
+	       MIGRATE_VMA_SELECT_DEVICE_PRIVATE :
+	       MIGRATE_VMA_SELECT_DEVICE_COHERENT;
+}
+
+/**
+ * dmirror_migrate_batch() - migrate one batch of a VMA
+ * @dmirror: mirror
+ * @args: vma, start, end and the arrays set; flags set by the caller
+ * @to_dev: direction
+ * @out_of_memory: set if the device ran out of memory
+ *
+ * Context: mmap lock held for read.
+ * Return: pages migrated, or a negative errno.
+ */
+static long dmirror_migrate_batch(struct dmirror *dmirror,
+				  struct migrate_vma *args, bool to_dev,
+				  bool *out_of_memory)
+{
+	long ret;
+
+	args->pgmap_owner = dmirror->mdevice;
+	ret = migrate_vma_setup(args);
+	if (ret)
+		return ret;
+	memset(args->dst, 0, args->npages * sizeof(*args->dst));
+	if (to_dev)
+		*out_of_memory |= dmirror_migrate_alloc_to_dev(dmirror, args);
+	else if (dmirror_migrate_alloc_to_sys(args, args->vma,
+					      dmirror_fail_alloc(dmirror)))
+		ret = -ENOMEM;
+	migrate_vma_pages(args);
+	if (!ret)
+		ret = dmirror_migrated(args);
+	migrate_vma_finalize(args);
+	return ret;
+}
+
+/**
+ * dmirror_check_local() - is every page of a range in the device's memory?
+ * @dmirror: mirror
+ * @range: range
+ *
+ * Reads the CPU page table without faulting, so that a page elsewhere (in
+ * system memory, on another device) is not moved by looking.
+ *
+ * Return: 0, -ENOENT if a page is elsewhere, or an error of the walk.
+ */
+static int dmirror_check_local(struct dmirror *dmirror,
+			       const struct dmirror_range *range)
+{
+	const u8 where_mask = (u8)~(HMM_DMIRROR_PROT_READ |
+				    HMM_DMIRROR_PROT_WRITE |
+				    HMM_DMIRROR_PROT_PMD | HMM_DMIRROR_PROT_PUD);
+	unsigned long pfns[DMIRROR_BATCH_PAGES];
+	u8 states[DMIRROR_BATCH_PAGES];
+	struct hmm_range hrange = {
+		.hmm_pfns = pfns,
+		.dev_private_owner = dmirror->mdevice,
+	};
+	struct dmirror_watch watch;
+	unsigned long addr, i;
+	int ret;
+
+	ret = dmirror_watch_insert(&watch, dmirror, range->start, range->end);
+	if (ret)
+		return ret;
+	hrange.notifier = &watch.mni;
+	for (addr = range->start; !ret && addr < range->end;
+	     addr = hrange.end) {
+		hrange.start = addr;
+		hrange.end = min(range->end,
+				 addr + DMIRROR_BATCH_PAGES * PAGE_SIZE);
+		ret = dmirror_snapshot_batch(&watch, &hrange, states);
+		for (i = 0; !ret && i < (hrange.end - addr) >> PAGE_SHIFT;
+		     i++) {
+			u8 where = states[i] & where_mask;
+
+			if (where != HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL &&
+			    where != HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL)
+				ret = -ENOENT;
+		}
+	}
+	mmu_interval_notifier_remove(&watch.mni);
+	return ret;
+}
+
+/**
+ * dmirror_migrate() - HMM_DMIRROR_MIGRATE_TO_DEV and _TO_SYS
+ * @dmirror: mirror
+ * @cmd: the request; cpages gets the number of pages moved
+ * @range: the range of @cmd
+ * @to_dev: direction
+ *
+ * Migrates in PMD-aligned batches, so that huge pages move whole. As in the
+ * kernel's own driver, migration to the device then requires every page of
+ * the range to be in the device's memory, moved now or before, and reads
+ * them through the device into @cmd->ptr; @cmd->cpages is the range's size.
+ * Migration to system memory counts the pages moved.
+ *
+ * Return: 0; -EINVAL for a hole or memory without read access in the range;
+ * -ENOENT when a page of the range is not in the device's memory afterwards
+ * (shared or file memory, which cannot move, or a page on another device);
+ * -ENOMEM when the device ran out of memory (what fitted has moved).
+ */
+static int dmirror_migrate(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
+			   const struct dmirror_range *range, bool to_dev)
+{
+	struct mm_struct *mm = dmirror->mm;
+	struct migrate_vma args = {};
+	unsigned long addr, moved = 0;
+	bool out_of_memory = false;
+	unsigned long *pfns;
+	long ret = 0;
+
+	pfns = kvcalloc(2 * HPAGE_PMD_NR, sizeof(*pfns), GFP_KERNEL);
+	if (!pfns)
+		return -ENOMEM;
+	args.src = pfns;
+	args.dst = pfns + HPAGE_PMD_NR;
+	args.flags = (to_dev ? MIGRATE_VMA_SELECT_SYSTEM :
+			       dmirror_select_device(dmirror->mdevice)) |
+		     MIGRATE_VMA_SELECT_COMPOUND;
+
+	mmap_read_lock(mm);
+	for (addr = range->start; addr < range->end; addr = args.end) {
+		args.vma = vma_lookup(mm, addr);
+		if (!args.vma || !(args.vma->vm_flags & VM_READ)) {
+			ret = -EINVAL;
+			break;
+		}
+		if (to_dev && (args.vma->vm_flags & VM_SHARED)) {
+			ret = -ENOENT;
+			break;
+		}
+		args.start = addr;
+		args.end = min3(range->end, args.vma->vm_end,
+				ALIGN(addr + 1, HPAGE_PMD_SIZE));
+		ret = dmirror_migrate_batch(dmirror, &args, to_dev,
+					    &out_of_memory);
+		if (ret < 0)
+			break;
+		moved += ret;
+		ret = 0;
+	}
+	mmap_read_unlock(mm);
+	kvfree(pfns);
+	if (ret)
+		return ret;
+
+	cmd->cpages = moved;
+	if (to_dev) {
+		struct hmm_dmirror_cmd readback = *cmd;
+
+		ret = dmirror_check_local(dmirror, range);
+		if (ret == -ENOENT && out_of_memory)
+			ret = -ENOMEM;
+		if (ret)
+			return ret;
+		readback.cpages = 0;
+		ret = dmirror_access(dmirror, &readback, range, false, false);
+		cmd->faults = readback.faults;
+		cmd->cpages = readback.cpages;
+	}
+	return ret;
+}
+
+/**
+ * dmirror_devmem_migrate_to_ram() - &dev_pagemap_ops.migrate_to_ram
+ * @vmf: CPU fault on a device-private page
+ *
+ * Moves the faulting page, or its whole folio when a PMD maps it, back to
+ * system memory. Only the device (the pagemap owner) is needed, never a
+ * mirror: a file may be closed, and its mirror freed, while its pages stay
+ * in device memory.
+ *
+ * Return: 0, VM_FAULT_OOM or VM_FAULT_SIGBUS.
+ */
+static vm_fault_t dmirror_devmem_migrate_to_ram(struct vm_fault *vmf)
+{
+	struct folio *folio = page_folio(vmf->page);
+	struct dmirror_device *mdevice = dmirror_page_chunk(vmf->page)->mdevice;
+	unsigned int order = vmf->pte ? 0 : folio_order(folio);
+	unsigned long nr = 1UL << order;
+	struct migrate_vma args = {
+		.vma = vmf->vma,
+		.start = ALIGN_DOWN(vmf->address, PAGE_SIZE << order),
+		.pgmap_owner = mdevice,
+		.flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE |
+			 (order ? MIGRATE_VMA_SELECT_COMPOUND : 0),
+		.fault_page = vmf->page,
+	};
+	vm_fault_t ret = 0;
+
+	args.end = args.start + (PAGE_SIZE << order);
+	args.src = kcalloc(nr, sizeof(*args.src), GFP_KERNEL);
+	args.dst = kcalloc(nr, sizeof(*args.dst), GFP_KERNEL);
+	if (!args.src || !args.dst) {
+		ret = VM_FAULT_OOM;
+		goto out;
+	}
+	if (migrate_vma_setup(&args)) {
+		ret = VM_FAULT_SIGBUS;
+		goto out;
+	}
+	if (dmirror_migrate_alloc_to_sys(&args, args.vma, false))
+		ret = VM_FAULT_OOM;
+	migrate_vma_pages(&args);
+	migrate_vma_finalize(&args);
+out:
+	kfree(args.src);
+	kfree(args.dst);
+	return ret;
+}
+
+static const struct dev_pagemap_ops dmirror_devmem_ops = {
+	.folio_free	= dmirror_devmem_folio_free,
+	.migrate_to_ram	= dmirror_devmem_migrate_to_ram,
+	.folio_split	= dmirror_devmem_folio_split,
+};
+
+/**
+ * dmirror_chunk_evict() - move every page of a chunk back to system memory
+ * @chunk: chunk, marked evicting
+ *
+ * Works on physical pages, whoever maps them, with migrate_device_range().
+ *
+ * Return: 0 or -ENOMEM.
+ */
+static int dmirror_chunk_evict(struct dmirror_chunk *chunk)
+{
+	struct migrate_vma args = { .npages = chunk->npages };
+	int ret = -ENOMEM;
+
+	args.src = kvcalloc(chunk->npages, sizeof(*args.src), GFP_KERNEL);
+	args.dst = kvcalloc(chunk->npages, sizeof(*args.dst), GFP_KERNEL);
+	if (!args.src || !args.dst)
+		goto out;
+	ret = migrate_device_range(args.src, chunk->first_pfn, chunk->npages);
+	if (ret)
+		goto out;
+	ret = dmirror_migrate_alloc_to_sys(&args, NULL, false);
+	migrate_device_pages(args.src, args.dst, chunk->npages);
+	migrate_device_finalize(args.src, args.dst, chunk->npages);
+out:
+	kvfree(args.src);
+	kvfree(args.dst);
+	return ret;
+}
+
+static void dmirror_chunk_remove(struct dmirror_chunk *chunk)
+{
+	struct dmirror_device *mdevice = chunk->mdevice;
+
+	spin_lock(&mdevice->mem_lock);
+	list_del(&chunk->node);
+	spin_unlock(&mdevice->mem_lock);
+	mdevice->nr_chunks--;
+	memunmap_pages(&chunk->pagemap);
+	if (chunk->pagemap.type == MEMORY_DEVICE_PRIVATE)
+		release_mem_region(chunk->pagemap.range.start,
+				   range_len(&chunk->pagemap.range));
+	dmirror_chunk_free(chunk);
+}
+
+/**
+ * dmirror_devmem_release() - HMM_DMIRROR_RELEASE: evict all device memory
+ * @mdevice: device
+ *
+ * Processes keep running with their data moved back to system memory; the
+ * chunks are given back. A chunk with a page that could not move (pinned,
+ * or no system memory) stays.
+ *
+ * Return: 0, or -EBUSY if a chunk stayed.
+ */
+static int dmirror_devmem_release(struct dmirror_device *mdevice)
+{
+	struct dmirror_chunk *chunk, *next;
+	int ret = 0;
+
+	mutex_lock(&mdevice->chunk_lock);
+	list_for_each_entry_safe(chunk, next, &mdevice->chunks, node) {
+		bool empty;
+
+		spin_lock(&mdevice->mem_lock);
+		chunk->evicting = true;
+		spin_unlock(&mdevice->mem_lock);
+
+		dmirror_chunk_evict(chunk);
+
+		spin_lock(&mdevice->mem_lock);
+		empty = !chunk->nr_used;
+		if (!empty)
+			chunk->evicting = false;
+		spin_unlock(&mdevice->mem_lock);
+		if (empty)
+			dmirror_chunk_remove(chunk);
+		else
+			ret = -EBUSY;
+	}
+	mutex_unlock(&mdevice->chunk_lock);
 	return ret;
 }
 

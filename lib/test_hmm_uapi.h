@@ -50,12 +50,16 @@ struct hmm_dmirror_cmd {
  * HMM_DMIRROR_WRITE: the device writes @ptr to @npages pages at @addr,
  * faulting them in for write. -EPERM when the mapping is read-only.
  *
- * HMM_DMIRROR_MIGRATE_TO_DEV / HMM_DMIRROR_MIGRATE_TO_SYS: move the range to
- * the device's memory, or back to system memory; @cpages counts the pages
- * moved, fewer when the device runs out of memory. Migration to the device
- * then reads the range through the device into @ptr. -EFAULT for a hole or
- * memory without read access in the range, -ENOENT for shared memory, which
- * cannot move to device memory.
+ * HMM_DMIRROR_MIGRATE_TO_DEV: move the range to the device's memory; then
+ * every page of it must be there (moved now or before), and the device reads
+ * it into @ptr; @cpages = @npages. -EINVAL for a hole or memory without read
+ * access in the range; -ENOENT when a page could not be there (shared or
+ * file memory, a page on another device); -ENOMEM when the device ran out of
+ * memory (what fitted has moved).
+ *
+ * HMM_DMIRROR_MIGRATE_TO_SYS: move the device's pages of the range back to
+ * system memory; @cpages counts the pages moved (a THP counts all its pages).
+ * -EINVAL for a hole or memory without read access.
  *
  * HMM_DMIRROR_SNAPSHOT: write to @ptr one byte per page describing how the
  * CPU page table maps it right now (enum hmm_dmirror_prot), without faulting.

@@ -344,17 +344,16 @@ static __printf(3, 4) char *hmm_why(char *why, size_t len,
 }
 
 /*
- * A PMD-sized transparent huge page, PMD-aligned and filled with the pattern
- * @seed. Returns it with its size in @size and, in @map, the mapping to
- * munmap() (twice that size); or NULL with the reason in @why.
+ * A PMD-aligned, PMD-sized range of private anonymous memory that may use
+ * transparent huge pages (MADV_HUGEPAGE), not populated. Returns it with its
+ * size in @size and, in @map, the mapping to munmap() (twice that size); or
+ * NULL with the reason in @why.
  */
-static char *hmm_map_thp(__u32 seed, size_t *size, char **map, char *why,
-			 size_t len)
+static char *hmm_map_pmd(size_t *size, char **map, char *why, size_t len)
 {
 	const char *off = hmm_thp_unavailable();
 	long pmd_size;
 	char *buf;
-	int err;
 
 	if (off)
 		return hmm_why(why, len, "%s", off);
@@ -370,15 +369,32 @@ static char *hmm_map_thp(__u32 seed, size_t *size, char **map, char *why,
 	buf = (char *)(((uintptr_t)*map + pmd_size - 1) &
 		       ~((uintptr_t)pmd_size - 1));
 	madvise(buf, pmd_size, MADV_HUGEPAGE);	/* THP is on: cannot fail */
-	hmm_fill(buf, pmd_size, seed);
+	*size = pmd_size;
+	return buf;
+}
+
+/*
+ * A PMD-sized transparent huge page, PMD-aligned and filled with the pattern
+ * @seed. Returns it with its size in @size and, in @map, the mapping to
+ * munmap() (twice that size); or NULL with the reason in @why.
+ */
+static char *hmm_map_thp(__u32 seed, size_t *size, char **map, char *why,
+			 size_t len)
+{
+	char *buf;
+	int err;
+
+	buf = hmm_map_pmd(size, map, why, len);
+	if (!buf)
+		return NULL;
+	hmm_fill(buf, *size, seed);
 	/* Make sure of a THP: the write fault may have fallen back. */
-	if (madvise(buf, pmd_size, MADV_COLLAPSE)) {
+	if (madvise(buf, *size, MADV_COLLAPSE)) {
 		err = errno;
-		munmap(*map, 2 * pmd_size);
+		munmap(*map, 2 * *size);
 		return hmm_why(why, len, "no THP for the range (MADV_COLLAPSE: %s)",
 			       strerror(err));
 	}
-	*size = pmd_size;
 	return buf;
 }
 
