@@ -42,6 +42,7 @@ opt_jobs=$(nproc)
 opt_timeout=1200
 opt_lint=0
 opt_bench=0
+opt_upstream_tests=0
 
 usage() {
 	cat <<EOF
@@ -61,6 +62,9 @@ Options:
   --bench              run the benchmark (hmm-bench) instead of the suite;
                        with --upstream-driver, also the tree's driver, in
                        the same boot
+  --upstream-tests     run the kernel tree's own hmm-tests instead of ours
+                       (against our driver, or the tree's with
+                       --upstream-driver)
   --exec 'CMD'         run CMD in the guest (driver loaded) instead of the suite
   --add FILE           copy FILE into the guest's /add (on PATH); repeatable
   --timeout SECONDS    wall-clock limit for boot and tests (default $opt_timeout)
@@ -111,6 +115,7 @@ parse_args() {
 		-j*) opt_jobs=${1#-j} ;;
 		--lint) opt_lint=1 ;;
 		--bench) opt_bench=1 ;;
+		--upstream-tests) opt_upstream_tests=1 ;;
 		-h|--help) usage; exit 0 ;;
 		*) usage >&2; exit 2 ;;
 		esac
@@ -120,6 +125,11 @@ parse_args() {
 		die 2 "--kernel-series wants X.Y, not '$opt_series'"
 	[[ $opt_jobs =~ ^[1-9][0-9]*$ ]] || die 2 "-j wants a number"
 	[[ $opt_timeout =~ ^[1-9][0-9]*$ ]] || die 2 "--timeout wants seconds"
+	if [ "$opt_upstream_tests" = 1 ]; then
+		[ -z "$opt_exec" ] && [ "$opt_bench" = 0 ] ||
+			die 2 "--upstream-tests goes with neither --exec nor --bench"
+		opt_exec=upstream-hmm-tests
+	fi
 	if [ "$opt_bench" = 1 ]; then
 		[ -z "$opt_exec" ] || die 2 "--bench and --exec do not go together"
 		opt_exec=hmm-bench
@@ -405,6 +415,13 @@ build_tests() {
 	done
 	TESTS_BIN=$out/hmm-tests
 	BENCH_BIN=$out/hmm-bench
+	[ "$opt_upstream_tests" = 1 ] || return 0
+	(cd "$KSRC/tools/testing/selftests/mm" &&
+	 gcc -static -O2 -w -isystem "$KBUILD/usr/include" \
+		-I "$KSRC/tools/testing/selftests" -I "$KSRC" \
+		-o "$out/upstream-hmm-tests" hmm-tests.c vm_util.c \
+		hugepage_settings.c -lpthread -lm) >>"$out/tests-build.log" 2>&1 ||
+		die 125 "the tree's hmm-tests did not build; see $out/tests-build.log"
 }
 
 build() {
@@ -547,6 +564,10 @@ pack() {
 	cp /bin/busybox "$root/bin/busybox"
 	cp "$TESTS_BIN" "$BENCH_BIN" "$REPO/tools/testing/selftests/mm/test_hmm.sh" \
 		"$root/usr/share/kselftest/mm/"
+	if [ "$opt_upstream_tests" = 1 ]; then
+		cp "$(dirname "$TESTS_BIN")/upstream-hmm-tests" \
+			"$root/usr/share/kselftest/mm/"
+	fi
 	cp "$DRIVER" "$root/lib/modules/$KREL/kernel/lib/test_hmm.ko"
 	echo kernel/lib/test_hmm.ko >"$root/lib/modules/$KREL/modules.order"
 	cp "$KBUILD"/modules.builtin{,.modinfo} "$root/lib/modules/$KREL/"

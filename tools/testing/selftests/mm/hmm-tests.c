@@ -71,14 +71,24 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
+#include <linux/mempolicy.h>
 #include <linux/types.h>
 #include <linux/userfaultfd.h>
+#ifdef HMM_HAVE_LIBURING
+#include <liburing.h>
+#endif
+
+/* gup_test's interface, from the kernel tree: -I the tree's top. */
+#include <mm/gup_test.h>
 
 /* Private interface of the test module: it is not in include/uapi. */
 #include <lib/test_hmm_uapi.h>
 
 #ifndef MADV_COLLAPSE
 #define MADV_COLLAPSE		25
+#endif
+#ifndef MREMAP_DONTUNMAP
+#define MREMAP_DONTUNMAP	4
 #endif
 #ifndef __NR_pidfd_open
 #define __NR_pidfd_open		434
@@ -2223,6 +2233,1739 @@ TEST_F(hmm, exclusive_threads)
 			TH_LOG("thread %u, round %u: %s (ret %d)", th->id,
 			       th->round, th->failed, th->ret);
 	}
+	munmap(buf, size);
+}
+
+/* --- Device memory and migration --------------------------------------- */
+
+#define HMM_MIGRATE_ROUNDS	8
+#define HMM_SMALL_NPAGES	16	/* buffers of the error and NUMA cases */
+#define HMM_GUP_NPAGES		4	/* pages per gup_test case */
+#define HMM_GUP_TEST		"/sys/kernel/debug/gup_test"
+#define HMM_NODE_DIR		"/sys/devices/system/node"
+
+/*
+ * gup_test passes its gup_flags on to get_user_pages() and pin_user_pages()
+ * as they are: these are the kernel's values (enum gup_flags), which no UAPI
+ * header has.
+ */
+#define HMM_FOLL_WRITE		0x01
+#define HMM_FOLL_LONGTERM	0x100
+
+/* What SNAPSHOT reports for a page in the memory of the device under test. */
+static unsigned char hmm_local(bool coherent)
+{
+	return coherent ? HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL :
+			  HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL;
+}
+
+/*
+ * What SNAPSHOT reports for a writable page of the device under test once
+ * the CPU has touched it: a device-private page has moved back to system
+ * memory, a device-coherent one is still on the device.
+ */
+static unsigned char hmm_cpu_touched(bool coherent)
+{
+	return coherent ? HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL |
+			  HMM_DMIRROR_PROT_WRITE : HMM_DMIRROR_PROT_WRITE;
+}
+
+/*
+ * SNAPSHOT @npages pages at @addr through @fd into @snap. Returns the index
+ * of the first page whose state is not @want, -1 if there is none. A failed
+ * request is reported and leaves @snap filled with 0xee, which is no state.
+ */
+static long hmm_snap_expect(int fd, void *addr, __u64 npages,
+			    unsigned char *snap, unsigned char want)
+{
+	struct hmm_dmirror_cmd cmd;
+	int ret;
+
+	memset(snap, 0xee, npages);
+	ret = hmm_cmd(fd, HMM_DMIRROR_SNAPSHOT, addr, snap, npages, &cmd);
+	if (ret)
+		fprintf(stderr, "# SNAPSHOT: %s\n", strerror(-ret));
+	return hmm_check_bytes(snap, npages, want);
+}
+
+/*
+ * Migration to the device moves every page of a private anonymous range to
+ * the device's memory and hands back their data, read through the device.
+ * The CPU still reads the data: a device-private page moves back to system
+ * memory for that, a device-coherent page is read where it is. Migrating
+ * again finds every page on the device.
+ */
+TEST_F(hmm, migrate_read_back)
+{
+	const unsigned char rw = HMM_DMIRROR_PROT_WRITE;
+	unsigned char local = hmm_local(variant->coherent);
+	const __u64 npages = HMM_NPAGES;
+	size_t size = npages * self->page_size;
+	struct hmm_dmirror_cmd cmd;
+	unsigned char *snap;
+	char *buf, *mirror;
+	long bad;
+
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	ASSERT_NE(NULL, buf);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	snap = malloc(npages);
+	ASSERT_NE(NULL, snap);
+	hmm_fill(buf, size, 0x1e1);
+
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0x1e1));
+	bad = hmm_snap_expect(self->fd, buf, npages, snap, local | rw);
+	ASSERT_EQ(-1, bad) TH_LOG("migrated: page %ld is 0x%02x", bad,
+				  snap[bad]);
+
+	ASSERT_EQ(-1, hmm_check(buf, size, 0x1e1));
+	bad = hmm_snap_expect(self->fd, buf, npages, snap,
+			      hmm_cpu_touched(variant->coherent));
+	ASSERT_EQ(-1, bad) TH_LOG("CPU read: page %ld is 0x%02x", bad,
+				  snap[bad]);
+
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0x1e1));
+
+	free(snap);
+	free(mirror);
+	munmap(buf, size);
+}
+
+/*
+ * Part of a migrated range comes back to system memory: its first quarter
+ * by CPU reads (device-private pages only: device-coherent pages stay), its
+ * second quarter by MIGRATE_TO_SYS, which counts the pages it moved.
+ * Migrating the whole range again moves what came back: every page is on
+ * the device again, with its data.
+ */
+TEST_F(hmm, migrate_partial_back)
+{
+	const unsigned char rw = HMM_DMIRROR_PROT_WRITE;
+	unsigned char local = hmm_local(variant->coherent);
+	const __u64 npages = HMM_NPAGES, q = npages / 4;
+	size_t ps = self->page_size, size = npages * ps;
+	struct hmm_dmirror_cmd cmd;
+	unsigned char *snap;
+	char *buf, *mirror;
+	long bad;
+
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	ASSERT_NE(NULL, buf);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	snap = malloc(npages);
+	ASSERT_NE(NULL, snap);
+	hmm_fill(buf, size, 0x9a7);
+
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+
+	hmm_cpu_read(buf, q * ps, ps);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf + q * ps,
+			     NULL, q, &cmd));
+	ASSERT_EQ(q, cmd.cpages);
+
+	bad = hmm_snap_expect(self->fd, buf, q, snap,
+			      hmm_cpu_touched(variant->coherent));
+	ASSERT_EQ(-1, bad) TH_LOG("CPU read: page %ld is 0x%02x", bad,
+				  snap[bad]);
+	bad = hmm_snap_expect(self->fd, buf + q * ps, q, snap, rw);
+	ASSERT_EQ(-1, bad) TH_LOG("MIGRATE_TO_SYS: page %llu is 0x%02x",
+				  q + bad, snap[bad]);
+	bad = hmm_snap_expect(self->fd, buf + 2 * q * ps, npages - 2 * q, snap,
+			      local | rw);
+	ASSERT_EQ(-1, bad) TH_LOG("left on the device: page %llu is 0x%02x",
+				  2 * q + bad, snap[bad]);
+
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0x9a7));
+	bad = hmm_snap_expect(self->fd, buf, npages, snap, local | rw);
+	ASSERT_EQ(-1, bad) TH_LOG("migrated again: page %ld is 0x%02x", bad,
+				  snap[bad]);
+	ASSERT_EQ(-1, hmm_check(buf, size, 0x9a7));
+
+	free(snap);
+	free(mirror);
+	munmap(buf, size);
+}
+
+/*
+ * Round trips between system and device memory keep the data: each round
+ * the CPU writes new data, the range moves to the device, which reads it,
+ * and every other round it moves back by MIGRATE_TO_SYS, in the others the
+ * CPU's next write takes it (a device-private page moves back for the
+ * write, a device-coherent page is written on the device).
+ */
+TEST_F(hmm, migrate_round_trips)
+{
+	const __u64 npages = HMM_NPAGES;
+	size_t size = npages * self->page_size;
+	struct hmm_dmirror_cmd cmd;
+	unsigned char *snap;
+	char *buf, *mirror;
+	unsigned int round;
+	__u32 seed;
+	long bad;
+
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	ASSERT_NE(NULL, buf);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	snap = malloc(npages);
+	ASSERT_NE(NULL, snap);
+
+	for (round = 0; round < HMM_MIGRATE_ROUNDS; round++) {
+		seed = 0x7e0 + round;
+		hmm_fill(buf, size, seed);
+		memset(mirror, 0, size);
+		ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf,
+				     mirror, npages, &cmd))
+			TH_LOG("round %u", round);
+		ASSERT_EQ(npages, cmd.cpages) TH_LOG("round %u", round);
+		ASSERT_EQ(-1, hmm_check(mirror, size, seed))
+			TH_LOG("round %u", round);
+		if (round % 2)
+			continue;
+
+		ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf,
+				     NULL, npages, &cmd))
+			TH_LOG("round %u", round);
+		ASSERT_EQ(npages, cmd.cpages) TH_LOG("round %u", round);
+		bad = hmm_snap_expect(self->fd, buf, npages, snap,
+				      HMM_DMIRROR_PROT_WRITE);
+		ASSERT_EQ(-1, bad) TH_LOG("round %u: page %ld is 0x%02x",
+					  round, bad, snap[bad]);
+		ASSERT_EQ(-1, hmm_check(buf, size, seed))
+			TH_LOG("round %u", round);
+	}
+	ASSERT_EQ(-1, hmm_check(buf, size, seed));
+
+	free(snap);
+	free(mirror);
+	munmap(buf, size);
+}
+
+/*
+ * HMM_DMIRROR_RELEASE evicts the device's memory from under a process that
+ * uses it: its pages are back in system memory with their data, and the
+ * device takes memory again afterwards.
+ */
+TEST_F(hmm, migrate_release)
+{
+	unsigned char local = hmm_local(variant->coherent);
+	const __u64 npages = HMM_NPAGES;
+	size_t size = npages * self->page_size;
+	struct hmm_dmirror_cmd cmd;
+	unsigned char *snap;
+	char *buf, *mirror;
+	long bad;
+
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	ASSERT_NE(NULL, buf);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	snap = malloc(npages);
+	ASSERT_NE(NULL, snap);
+	hmm_fill(buf, size, 0x4e1);
+
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+
+	ASSERT_EQ(0, hmm_ioctl(self->fd, HMM_DMIRROR_RELEASE, NULL));
+	bad = hmm_snap_expect(self->fd, buf, npages, snap,
+			      HMM_DMIRROR_PROT_WRITE);
+	ASSERT_EQ(-1, bad) TH_LOG("released: page %ld is 0x%02x", bad,
+				  snap[bad]);
+	ASSERT_EQ(-1, hmm_check(buf, size, 0x4e1));
+
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0x4e1));
+	bad = hmm_snap_expect(self->fd, buf, npages, snap,
+			      local | HMM_DMIRROR_PROT_WRITE);
+	ASSERT_EQ(-1, bad) TH_LOG("migrated again: page %ld is 0x%02x", bad,
+				  snap[bad]);
+
+	free(snap);
+	free(mirror);
+	munmap(buf, size);
+}
+
+/* Shared memory, which cannot move to device memory. */
+static const struct {
+	const char	*name;
+	bool		file;	/* a temporary file, else anonymous */
+} hmm_shared_maps[] = {
+	{ "MAP_SHARED anonymous", false },
+	{ "MAP_SHARED file", true },
+};
+
+/*
+ * Migration of shared memory to the device fails with ENOENT, reports
+ * nothing back and leaves the pages where they were, with their data.
+ */
+TEST_F(hmm, migrate_shared)
+{
+	const __u64 npages = HMM_NPAGES;
+	size_t size = npages * self->page_size;
+	struct hmm_dmirror_cmd cmd;
+	unsigned char *snap;
+	char *buf, *mirror;
+	unsigned int i;
+	int fd;
+	long bad;
+
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	snap = malloc(npages);
+	ASSERT_NE(NULL, snap);
+
+	for (i = 0; i < ARRAY_SIZE(hmm_shared_maps); i++) {
+		const char *name = hmm_shared_maps[i].name;
+
+		fd = -1;
+		if (hmm_shared_maps[i].file) {
+			fd = hmm_tmpfile(size);
+			if (fd < 0) {
+				TH_LOG("%s: skipped: no writable directory for a temporary file",
+				       name);
+				continue;
+			}
+			buf = mmap(NULL, size, PROT_READ | PROT_WRITE,
+				   MAP_SHARED, fd, 0);
+			ASSERT_NE(MAP_FAILED, buf) TH_LOG("%s", name);
+		} else {
+			buf = hmm_map_anon(size, PROT_READ | PROT_WRITE,
+					   MAP_SHARED);
+			ASSERT_NE(NULL, buf) TH_LOG("%s", name);
+		}
+		hmm_fill(buf, size, 0x5a0 + i);
+
+		EXPECT_EQ(-ENOENT, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV,
+					   buf, mirror, npages, &cmd))
+			TH_LOG("%s", name);
+		EXPECT_EQ(HMM_POISON, cmd.cpages) TH_LOG("%s", name);
+		bad = hmm_snap_expect(self->fd, buf, npages, snap,
+				      HMM_DMIRROR_PROT_WRITE);
+		EXPECT_EQ(-1, bad) TH_LOG("%s: page %ld is 0x%02x", name, bad,
+					  bad < 0 ? 0 : snap[bad]);
+		EXPECT_EQ(-1, hmm_check(buf, size, 0x5a0 + i))
+			TH_LOG("%s: data changed", name);
+		munmap(buf, size);
+		if (fd >= 0)
+			close(fd);
+	}
+	free(snap);
+	free(mirror);
+}
+
+/*
+ * A private file mapping: only its anonymous pages, the private copies the
+ * CPU made by writing, move to the device. Pages still in the page cache
+ * are not migrated nor counted, and the device reads them in place. The
+ * file keeps its data throughout.
+ */
+TEST_F(hmm, migrate_file_private)
+{
+	const unsigned char rw = HMM_DMIRROR_PROT_WRITE;
+	unsigned char local = hmm_local(variant->coherent);
+	const __u64 npages = HMM_NPAGES, half = npages / 2;
+	size_t size = npages * self->page_size;
+	size_t hsize = half * self->page_size;
+	struct hmm_dmirror_cmd cmd;
+	char *buf, *mirror, *ref, *io;
+	unsigned char *snap;
+	int fd;
+	long bad;
+
+	fd = hmm_tmpfile(size);
+	if (fd < 0)
+		SKIP(return, "no writable directory for a temporary file");
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	ref = malloc(size);
+	ASSERT_NE(NULL, ref);
+	io = malloc(size);
+	ASSERT_NE(NULL, io);
+	snap = malloc(npages);
+	ASSERT_NE(NULL, snap);
+	hmm_fill(io, size, 0xf1a);
+	ASSERT_EQ((ssize_t)size, pwrite(fd, io, size, 0));
+	buf = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+	ASSERT_NE(MAP_FAILED, buf);
+
+	/* Never written: page cache pages only. */
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(0ULL, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0xf1a));
+	bad = hmm_snap_expect(self->fd, buf, npages, snap,
+			      HMM_DMIRROR_PROT_READ);
+	ASSERT_EQ(-1, bad) TH_LOG("page cache: page %ld is 0x%02x", bad,
+				  snap[bad]);
+
+	/* The CPU writes the first half: those pages become anonymous. */
+	hmm_fill(ref, size, 0xc09);
+	memcpy(buf, ref, hsize);
+	memcpy(ref + hsize, io + hsize, size - hsize);
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(half, cmd.cpages);
+	ASSERT_EQ(0, memcmp(mirror, ref, size));
+	bad = hmm_snap_expect(self->fd, buf, half, snap, local | rw);
+	ASSERT_EQ(-1, bad) TH_LOG("written: page %ld is 0x%02x", bad,
+				  snap[bad]);
+	bad = hmm_snap_expect(self->fd, buf + hsize, npages - half, snap,
+			      HMM_DMIRROR_PROT_READ);
+	ASSERT_EQ(-1, bad) TH_LOG("page cache: page %llu is 0x%02x",
+				  half + bad, snap[bad]);
+
+	/* Then the rest. */
+	hmm_fill(ref, size, 0xc09);
+	memcpy(buf + hsize, ref + hsize, size - hsize);
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0xc09));
+
+	ASSERT_EQ(-1, hmm_check(buf, size, 0xc09));
+	memset(io, 0, size);
+	ASSERT_EQ((ssize_t)size, pread(fd, io, size, 0));
+	ASSERT_EQ(-1, hmm_check(io, size, 0xf1a)) TH_LOG("the file changed");
+
+	munmap(buf, size);
+	free(snap);
+	free(io);
+	free(ref);
+	free(mirror);
+	close(fd);
+}
+
+/*
+ * Two devices of the same kind, the fixture's (A) and the other one (B).
+ * B reads pages in A's memory: device-private pages move back to system
+ * memory for that, device-coherent pages are read where they are, as any
+ * CPU-addressable page. B's migration then takes the pages that are in
+ * system memory; those in A's coherent memory stay until A gives them back.
+ * A does not see B's private pages (SNAPSHOT reports them as not
+ * populated) but reads their data.
+ */
+TEST_F(hmm, migrate_two_devices)
+{
+	const unsigned char rw = HMM_DMIRROR_PROT_WRITE;
+	bool coherent = variant->coherent;
+	unsigned char local = hmm_local(coherent);
+	unsigned char remote = coherent ?
+		HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE | rw :
+		HMM_DMIRROR_PROT_NONE;
+	int other = variant->device ^ 1;	/* 0 <-> 1, 2 <-> 3 */
+	const __u64 npages = HMM_NPAGES;
+	size_t size = npages * self->page_size;
+	struct hmm_dmirror_cmd cmd;
+	unsigned char *snap;
+	char *buf, *mirror;
+	long bad;
+	int fd;
+
+	fd = hmm_open(other);
+	ASSERT_LE(0, fd);
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	ASSERT_NE(NULL, buf);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	snap = malloc(npages);
+	ASSERT_NE(NULL, snap);
+	hmm_fill(buf, size, 0x2d0);
+
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(fd, HMM_DMIRROR_READ, buf, mirror, npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0x2d0));
+	bad = hmm_snap_expect(self->fd, buf, npages, snap,
+			      hmm_cpu_touched(coherent));
+	ASSERT_EQ(-1, bad) TH_LOG("device %d read: page %ld is 0x%02x", other,
+				  bad, snap[bad]);
+	if (coherent) {
+		bad = hmm_snap_expect(fd, buf, npages, snap, remote);
+		ASSERT_EQ(-1, bad) TH_LOG("device %d's view: page %ld is 0x%02x",
+					  other, bad, snap[bad]);
+	}
+
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(coherent ? 0ULL : npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0x2d0));
+	if (coherent) {
+		ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf,
+				     NULL, npages, &cmd));
+		ASSERT_EQ(npages, cmd.cpages);
+		ASSERT_EQ(0, hmm_cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf,
+				     mirror, npages, &cmd));
+		ASSERT_EQ(npages, cmd.cpages);
+	}
+	bad = hmm_snap_expect(fd, buf, npages, snap, local | rw);
+	ASSERT_EQ(-1, bad) TH_LOG("device %d's memory: page %ld is 0x%02x",
+				  other, bad, snap[bad]);
+	bad = hmm_snap_expect(self->fd, buf, npages, snap, remote);
+	ASSERT_EQ(-1, bad) TH_LOG("device %d's view: page %ld is 0x%02x",
+				  variant->device, bad, snap[bad]);
+
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_READ, buf, mirror, npages,
+			     &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0x2d0));
+	bad = hmm_snap_expect(fd, buf, npages, snap, hmm_cpu_touched(coherent));
+	ASSERT_EQ(-1, bad) TH_LOG("device %d read: page %ld is 0x%02x",
+				  variant->device, bad, snap[bad]);
+	ASSERT_EQ(-1, hmm_check(buf, size, 0x2d0));
+
+	free(snap);
+	free(mirror);
+	munmap(buf, size);
+	close(fd);
+}
+
+enum hmm_mig_range {
+	HMM_MIG_PROT_NONE_PAGE,	/* one PROT_NONE page in the middle */
+	HMM_MIG_HOLE,		/* one unmapped page in the middle */
+	HMM_MIG_READ_ONLY,	/* the whole range PROT_READ */
+};
+
+static const struct {
+	const char		*name;
+	enum hmm_mig_range	range;
+	int			err;	/* of either migration, 0 if none */
+} hmm_mig_ranges[] = {
+	{ "PROT_NONE page", HMM_MIG_PROT_NONE_PAGE, EFAULT },
+	{ "hole", HMM_MIG_HOLE, EFAULT },
+	{ "read-only", HMM_MIG_READ_ONLY, 0 },
+};
+
+/*
+ * A range with a page the CPU cannot read, PROT_NONE or not mapped at all,
+ * cannot migrate either way: EFAULT, nothing reported back, no data lost.
+ * Read-only memory migrates, and stays read-only on the device.
+ */
+TEST_F(hmm, migrate_bad_range)
+{
+	const unsigned char ro = HMM_DMIRROR_PROT_READ;
+	unsigned char local = hmm_local(variant->coherent);
+	const __u64 npages = HMM_SMALL_NPAGES, mid = npages / 2;
+	size_t ps = self->page_size, size = npages * ps;
+	char *buf, *mirror, *ref, *after;
+	struct hmm_dmirror_cmd cmd;
+	unsigned char *snap;
+	unsigned int i;
+	long bad;
+
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	ref = malloc(size);
+	ASSERT_NE(NULL, ref);
+	snap = malloc(npages);
+	ASSERT_NE(NULL, snap);
+
+	for (i = 0; i < ARRAY_SIZE(hmm_mig_ranges); i++) {
+		const char *name = hmm_mig_ranges[i].name;
+		int err = hmm_mig_ranges[i].err;
+
+		buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+		ASSERT_NE(NULL, buf);
+		hmm_fill(buf, size, 0xbd0 + i);
+		hmm_fill(ref, size, 0xbd0 + i);
+		after = buf + (mid + 1) * ps;
+		switch (hmm_mig_ranges[i].range) {
+		case HMM_MIG_PROT_NONE_PAGE:
+			ASSERT_EQ(0, mprotect(buf + mid * ps, ps, PROT_NONE));
+			break;
+		case HMM_MIG_HOLE:
+			ASSERT_EQ(0, munmap(buf + mid * ps, ps));
+			break;
+		case HMM_MIG_READ_ONLY:
+			ASSERT_EQ(0, mprotect(buf, size, PROT_READ));
+			break;
+		}
+
+		memset(mirror, 0, size);
+		ASSERT_EQ(-err, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV,
+					buf, mirror, npages, &cmd))
+			TH_LOG("%s: to the device", name);
+		if (err) {
+			ASSERT_EQ(HMM_POISON, cmd.cpages) TH_LOG("%s", name);
+		} else {
+			ASSERT_EQ(npages, cmd.cpages) TH_LOG("%s", name);
+			ASSERT_EQ(0, memcmp(mirror, ref, size))
+				TH_LOG("%s", name);
+			bad = hmm_snap_expect(self->fd, buf, npages, snap,
+					      local | ro);
+			ASSERT_EQ(-1, bad) TH_LOG("%s: page %ld is 0x%02x",
+						  name, bad, snap[bad]);
+		}
+		ASSERT_EQ(-err, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_SYS,
+					buf, NULL, npages, &cmd))
+			TH_LOG("%s: to system memory", name);
+		if (err) {
+			ASSERT_EQ(HMM_POISON, cmd.cpages) TH_LOG("%s", name);
+		} else {
+			ASSERT_EQ(npages, cmd.cpages) TH_LOG("%s", name);
+			bad = hmm_snap_expect(self->fd, buf, npages, snap, ro);
+			ASSERT_EQ(-1, bad) TH_LOG("%s: page %ld is 0x%02x",
+						  name, bad, snap[bad]);
+		}
+
+		if (hmm_mig_ranges[i].range == HMM_MIG_PROT_NONE_PAGE)
+			ASSERT_EQ(0, mprotect(buf + mid * ps, ps, PROT_READ));
+		ASSERT_EQ(0, memcmp(buf, ref, mid * ps))
+			TH_LOG("%s: data lost", name);
+		ASSERT_EQ(0, memcmp(after, ref + (mid + 1) * ps,
+				    size - (mid + 1) * ps))
+			TH_LOG("%s: data lost", name);
+		if (hmm_mig_ranges[i].range != HMM_MIG_HOLE)
+			ASSERT_EQ(-1, hmm_check(buf, size, 0xbd0 + i))
+				TH_LOG("%s: data lost", name);
+		munmap(buf, size);
+	}
+	free(snap);
+	free(ref);
+	free(mirror);
+}
+
+/* Offset of the first word of @buf not holding @filled's data, else -1. */
+static long hmm_thp_check(const char *buf, size_t size, bool filled,
+			  __u32 seed)
+{
+	return filled ? hmm_check(buf, size, seed) :
+			hmm_check_bytes(buf, size, 0);
+}
+
+enum hmm_thp_source {
+	HMM_THP_EMPTY,		/* never touched */
+	HMM_THP_ZERO,		/* read-faulted: the huge zero page */
+	HMM_THP_FILLED,		/* written and collapsed: a THP */
+};
+
+static const struct {
+	const char		*name;
+	enum hmm_thp_source	source;
+	unsigned char		state;	/* SNAPSHOT before migration */
+} hmm_thp_sources[] = {
+	{ "empty", HMM_THP_EMPTY, HMM_DMIRROR_PROT_NONE },
+	{ "huge zero page", HMM_THP_ZERO,
+	  HMM_DMIRROR_PROT_READ | HMM_DMIRROR_PROT_PMD },
+	{ "THP", HMM_THP_FILLED, HMM_DMIRROR_PROT_WRITE | HMM_DMIRROR_PROT_PMD },
+};
+
+/*
+ * A PMD-aligned, PMD-sized range moves as one huge page whatever it held:
+ * nothing, the huge zero page, or a THP. It becomes a device THP, mapped
+ * by a PMD, with the data (zeros for the first two); MIGRATE_TO_SYS brings
+ * it back as a THP and counts all of its pages. After a second migration,
+ * a CPU read brings a device-private THP back whole, and leaves a
+ * device-coherent one where it is.
+ */
+TEST_F(hmm, migrate_thp)
+{
+	const unsigned char thp = HMM_DMIRROR_PROT_WRITE | HMM_DMIRROR_PROT_PMD;
+	unsigned char local = hmm_local(variant->coherent);
+	char *map, *buf, *mirror = NULL, why[128];
+	unsigned char *snap = NULL;
+	struct hmm_dmirror_cmd cmd;
+	__u64 npages = 0;
+	unsigned int i;
+	size_t size;
+	long bad;
+
+	for (i = 0; i < ARRAY_SIZE(hmm_thp_sources); i++) {
+		enum hmm_thp_source source = hmm_thp_sources[i].source;
+		bool filled = source == HMM_THP_FILLED;
+		const char *name = hmm_thp_sources[i].name;
+		__u32 seed = 0x7a0 + i;
+
+		if (filled)
+			buf = hmm_map_thp(seed, &size, &map, why, sizeof(why));
+		else
+			buf = hmm_map_pmd(&size, &map, why, sizeof(why));
+		if (!buf)
+			SKIP(return, "%s", why);
+		if (!snap) {
+			npages = size / self->page_size;
+			mirror = malloc(size);
+			ASSERT_NE(NULL, mirror);
+			snap = malloc(npages);
+			ASSERT_NE(NULL, snap);
+		}
+		if (source == HMM_THP_ZERO)
+			hmm_cpu_read(buf, size, self->page_size);
+		bad = hmm_snap_expect(self->fd, buf, npages, snap,
+				      hmm_thp_sources[i].state);
+		if (source == HMM_THP_ZERO && bad >= 0) {
+			TH_LOG("%s: skipped: a read maps 0x%02x, not the huge zero page (%s/use_zero_page)",
+			       name, snap[0], HMM_THP_DIR);
+			munmap(map, 2 * size);
+			continue;
+		}
+		ASSERT_EQ(-1, bad) TH_LOG("%s: page %ld is 0x%02x", name, bad,
+					  snap[bad]);
+
+		memset(mirror, 0xa5, size);
+		ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf,
+				     mirror, npages, &cmd)) TH_LOG("%s", name);
+		ASSERT_EQ(npages, cmd.cpages) TH_LOG("%s", name);
+		ASSERT_EQ(-1, hmm_thp_check(mirror, size, filled, seed))
+			TH_LOG("%s: the device read wrong data", name);
+		bad = hmm_snap_expect(self->fd, buf, npages, snap, local | thp);
+		ASSERT_EQ(-1, bad) TH_LOG("%s: on the device: page %ld is 0x%02x",
+					  name, bad, snap[bad]);
+
+		ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf,
+				     NULL, npages, &cmd)) TH_LOG("%s", name);
+		ASSERT_EQ(npages, cmd.cpages) TH_LOG("%s: moved back", name);
+		bad = hmm_snap_expect(self->fd, buf, npages, snap, thp);
+		ASSERT_EQ(-1, bad) TH_LOG("%s: moved back: page %ld is 0x%02x",
+					  name, bad, snap[bad]);
+		ASSERT_EQ(-1, hmm_thp_check(buf, size, filled, seed))
+			TH_LOG("%s: moved back: wrong data", name);
+
+		ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf,
+				     mirror, npages, &cmd)) TH_LOG("%s", name);
+		ASSERT_EQ(npages, cmd.cpages) TH_LOG("%s: again", name);
+		bad = hmm_snap_expect(self->fd, buf, npages, snap, local | thp);
+		ASSERT_EQ(-1, bad) TH_LOG("%s: again: page %ld is 0x%02x",
+					  name, bad, snap[bad]);
+		ASSERT_EQ(-1, hmm_thp_check(buf, size, filled, seed))
+			TH_LOG("%s: CPU read: wrong data", name);
+		bad = hmm_snap_expect(self->fd, buf, npages, snap,
+				      hmm_cpu_touched(variant->coherent) |
+				      HMM_DMIRROR_PROT_PMD);
+		ASSERT_EQ(-1, bad) TH_LOG("%s: CPU read: page %ld is 0x%02x",
+					  name, bad, snap[bad]);
+		munmap(map, 2 * size);
+	}
+	free(snap);
+	free(mirror);
+}
+
+/*
+ * 4 KiB pages that have been in device memory and back collapse into a THP
+ * (MADV_COLLAPSE), which then moves to the device as a whole.
+ */
+TEST_F(hmm, migrate_thp_collapse)
+{
+	const unsigned char rw = HMM_DMIRROR_PROT_WRITE;
+	unsigned char local = hmm_local(variant->coherent);
+	char *map, *buf, *mirror, why[128];
+	struct hmm_dmirror_cmd cmd;
+	unsigned char *snap;
+	__u64 npages;
+	size_t size;
+	long bad;
+
+	buf = hmm_map_pmd(&size, &map, why, sizeof(why));
+	if (!buf)
+		SKIP(return, "%s", why);
+	npages = size / self->page_size;
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	snap = malloc(npages);
+	ASSERT_NE(NULL, snap);
+	ASSERT_EQ(0, madvise(buf, size, MADV_NOHUGEPAGE));
+	hmm_fill(buf, size, 0xc01);
+
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	bad = hmm_snap_expect(self->fd, buf, npages, snap, local | rw);
+	ASSERT_EQ(-1, bad) TH_LOG("4 KiB on the device: page %ld is 0x%02x",
+				  bad, snap[bad]);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf, NULL,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+
+	ASSERT_EQ(0, madvise(buf, size, MADV_HUGEPAGE));
+	ASSERT_EQ(0, madvise(buf, size, MADV_COLLAPSE))
+		TH_LOG("MADV_COLLAPSE: %s", strerror(errno));
+	bad = hmm_snap_expect(self->fd, buf, npages, snap,
+			      rw | HMM_DMIRROR_PROT_PMD);
+	ASSERT_EQ(-1, bad) TH_LOG("collapsed: page %ld is 0x%02x", bad,
+				  snap[bad]);
+
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0xc01));
+	bad = hmm_snap_expect(self->fd, buf, npages, snap,
+			      local | rw | HMM_DMIRROR_PROT_PMD);
+	ASSERT_EQ(-1, bad) TH_LOG("THP on the device: page %ld is 0x%02x", bad,
+				  snap[bad]);
+	ASSERT_EQ(-1, hmm_check(buf, size, 0xc01));
+
+	free(snap);
+	free(mirror);
+	munmap(map, 2 * size);
+}
+
+/*
+ * MADV_FREE of a THP in device memory: as for any memory, each page then
+ * reads either as it was or as zeros, and data written after it stays.
+ */
+TEST_F(hmm, migrate_thp_madv_free)
+{
+	char *map, *buf, *mirror, *ref, why[128];
+	size_t ps = self->page_size, size;
+	struct hmm_dmirror_cmd cmd;
+	unsigned long freed = 0;
+	__u64 npages, i;
+
+	buf = hmm_map_thp(0xf4e, &size, &map, why, sizeof(why));
+	if (!buf)
+		SKIP(return, "%s", why);
+	npages = size / ps;
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	ref = malloc(size);
+	ASSERT_NE(NULL, ref);
+	hmm_fill(ref, size, 0xf4e);
+
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(0, madvise(buf, size, MADV_FREE));
+
+	for (i = 0; i < npages; i++) {
+		if (!memcmp(buf + i * ps, ref + i * ps, ps))
+			continue;
+		ASSERT_EQ(-1, hmm_check_bytes(buf + i * ps, ps, 0))
+			TH_LOG("page %llu is neither its data nor zeros", i);
+		freed++;
+	}
+	TH_LOG("%lu of %llu pages freed", freed, npages);
+
+	hmm_fill(buf, size, 0xf4f);
+	ASSERT_EQ(-1, hmm_check(buf, size, 0xf4f));
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_READ, buf, mirror, npages,
+			     &cmd));
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0xf4f));
+
+	free(ref);
+	free(mirror);
+	munmap(map, 2 * size);
+}
+
+/* Parts of a migrated THP to unmap, in eighths of it. */
+static const struct {
+	const char	*name;
+	unsigned int	first;
+	unsigned int	count;
+} hmm_thp_holes[] = {
+	{ "first half", 0, 4 },
+	{ "middle half", 2, 4 },
+	{ "second half", 4, 4 },
+	{ "last eighth", 7, 1 },
+};
+
+/*
+ * munmap() of part of a THP in device memory: the rest stays mapped, in
+ * device memory, now by 4 KiB entries, and the CPU reads its data.
+ */
+TEST_F(hmm, migrate_thp_partial_unmap)
+{
+	unsigned char local = hmm_local(variant->coherent);
+	char *map, *buf, *mirror, *ref, why[128];
+	size_t ps = self->page_size, size, eighth;
+	struct hmm_dmirror_cmd cmd;
+	unsigned int i, part;
+	unsigned char *snap;
+	__u64 npages;
+	long bad;
+
+	for (i = 0; i < ARRAY_SIZE(hmm_thp_holes); i++) {
+		const char *name = hmm_thp_holes[i].name;
+		unsigned int first = hmm_thp_holes[i].first;
+		unsigned int end = first + hmm_thp_holes[i].count;
+		/* The parts left: [0, first) and [end, 8) eighths. */
+		const unsigned int left[2][2] = { { 0, first }, { end, 8 } };
+
+		buf = hmm_map_thp(0x8a0 + i, &size, &map, why, sizeof(why));
+		if (!buf)
+			SKIP(return, "%s", why);
+		npages = size / ps;
+		eighth = size / 8;
+		mirror = malloc(size);
+		ASSERT_NE(NULL, mirror);
+		ref = malloc(size);
+		ASSERT_NE(NULL, ref);
+		snap = malloc(npages);
+		ASSERT_NE(NULL, snap);
+		hmm_fill(ref, size, 0x8a0 + i);
+
+		ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf,
+				     mirror, npages, &cmd)) TH_LOG("%s", name);
+		ASSERT_EQ(npages, cmd.cpages) TH_LOG("%s", name);
+		ASSERT_EQ(0, munmap(buf + first * eighth,
+				    (end - first) * eighth));
+
+		for (part = 0; part < 2; part++) {
+			size_t off = left[part][0] * eighth;
+			size_t len = left[part][1] * eighth - off;
+
+			if (!len)
+				continue;
+			bad = hmm_snap_expect(self->fd, buf + off, len / ps,
+					      snap,
+					      local | HMM_DMIRROR_PROT_WRITE);
+			ASSERT_EQ(-1, bad)
+				TH_LOG("%s: page %lu is 0x%02x", name,
+				       off / ps + bad, snap[bad]);
+			ASSERT_EQ(0, memcmp(buf + off, ref + off, len))
+				TH_LOG("%s: wrong data after munmap()", name);
+			bad = hmm_snap_expect(self->fd, buf + off, len / ps,
+					      snap,
+					      hmm_cpu_touched(variant->coherent));
+			ASSERT_EQ(-1, bad)
+				TH_LOG("%s: CPU read: page %lu is 0x%02x", name,
+				       off / ps + bad, snap[bad]);
+		}
+		free(snap);
+		free(ref);
+		free(mirror);
+		munmap(map, 2 * size);
+	}
+}
+
+/* Where mremap() moves a migrated THP. */
+static const struct {
+	const char	*name;
+	bool		aligned;	/* to a PMD-aligned address */
+	bool		dontunmap;	/* MREMAP_DONTUNMAP */
+} hmm_thp_moves[] = {
+	{ "aligned", true, false },
+	{ "unaligned", false, false },
+	{ "aligned, MREMAP_DONTUNMAP", true, true },
+	{ "unaligned, MREMAP_DONTUNMAP", false, true },
+};
+
+/*
+ * mremap() of a THP in device memory, to a PMD-aligned address or not: the
+ * pages move with the mapping and stay in device memory, and the CPU reads
+ * their data at the new address. With MREMAP_DONTUNMAP the old range stays
+ * mapped, empty: it reads zeros.
+ */
+TEST_F(hmm, migrate_thp_mremap)
+{
+	const unsigned char rw = HMM_DMIRROR_PROT_WRITE;
+	const unsigned char pmd = HMM_DMIRROR_PROT_PMD;
+	unsigned char local = hmm_local(variant->coherent);
+	unsigned char touched = hmm_cpu_touched(variant->coherent);
+	char *map, *buf, *mirror, *dmap, *dst, *moved, why[128];
+	struct hmm_dmirror_cmd cmd;
+	unsigned char *snap;
+	unsigned int i;
+	__u64 npages;
+	size_t size;
+	int flags;
+	long bad;
+
+	for (i = 0; i < ARRAY_SIZE(hmm_thp_moves); i++) {
+		const char *name = hmm_thp_moves[i].name;
+
+		buf = hmm_map_thp(0x3e0 + i, &size, &map, why, sizeof(why));
+		if (!buf)
+			SKIP(return, "%s", why);
+		npages = size / self->page_size;
+		mirror = malloc(size);
+		ASSERT_NE(NULL, mirror);
+		snap = malloc(npages);
+		ASSERT_NE(NULL, snap);
+		/* Room for an aligned range and for one a quarter past it. */
+		dmap = mmap(NULL, 3 * size, PROT_NONE,
+			    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		ASSERT_NE(MAP_FAILED, dmap);
+		dst = (char *)(((uintptr_t)dmap + size - 1) &
+			       ~((uintptr_t)size - 1));
+		if (!hmm_thp_moves[i].aligned)
+			dst += size / 4;
+
+		ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf,
+				     mirror, npages, &cmd)) TH_LOG("%s", name);
+		ASSERT_EQ(npages, cmd.cpages) TH_LOG("%s", name);
+
+		flags = MREMAP_MAYMOVE | MREMAP_FIXED;
+		if (hmm_thp_moves[i].dontunmap)
+			flags |= MREMAP_DONTUNMAP;
+		moved = mremap(buf, size, size, flags, dst);
+		ASSERT_EQ(dst, moved) TH_LOG("%s: mremap(): %s", name,
+					     strerror(errno));
+
+		memset(snap, 0xee, npages);
+		ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_SNAPSHOT, dst, snap,
+				     npages, &cmd));
+		bad = hmm_snap_find_not(snap, npages, local | rw,
+					local | rw | pmd);
+		ASSERT_EQ(-1, bad) TH_LOG("%s: moved: page %ld is 0x%02x",
+					  name, bad, snap[bad]);
+		ASSERT_EQ(-1, hmm_check(dst, size, 0x3e0 + i))
+			TH_LOG("%s: wrong data at the new address", name);
+		memset(snap, 0xee, npages);
+		ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_SNAPSHOT, dst, snap,
+				     npages, &cmd));
+		bad = hmm_snap_find_not(snap, npages, touched, touched | pmd);
+		ASSERT_EQ(-1, bad) TH_LOG("%s: CPU read: page %ld is 0x%02x",
+					  name, bad, snap[bad]);
+
+		if (hmm_thp_moves[i].dontunmap) {
+			bad = hmm_snap_expect(self->fd, buf, npages, snap,
+					      HMM_DMIRROR_PROT_NONE);
+			ASSERT_EQ(-1, bad)
+				TH_LOG("%s: old range: page %ld is 0x%02x",
+				       name, bad, snap[bad]);
+			ASSERT_EQ(-1, hmm_check_bytes(buf, size, 0))
+				TH_LOG("%s: the old range is not empty", name);
+		}
+		free(snap);
+		free(mirror);
+		munmap(dmap, 3 * size);
+		munmap(map, 2 * size);
+	}
+}
+
+/*
+ * HMM_DMIRROR_FLAG_FAIL_ALLOC makes the next large device-memory allocation
+ * of a migration by this file fail, once. Migrating a THP to the device
+ * then takes 4 KiB device pages; migrating a device THP back takes 4 KiB
+ * system pages. Either way every page moves, with its data, and the next
+ * migration has huge pages again. Unknown flags are refused.
+ */
+TEST_F(hmm, migrate_thp_fail_alloc)
+{
+	static const __u64 bad_flags[] = { 0x2, 1ULL << 63, ~0ULL };
+	const unsigned char rw = HMM_DMIRROR_PROT_WRITE;
+	const unsigned char pmd = HMM_DMIRROR_PROT_PMD;
+	unsigned char local = hmm_local(variant->coherent);
+	char *map, *buf, *mirror, why[128];
+	struct hmm_dmirror_cmd cmd;
+	unsigned char *snap;
+	unsigned int i;
+	__u64 npages;
+	size_t size;
+	long bad;
+
+	for (i = 0; i < ARRAY_SIZE(bad_flags); i++)
+		ASSERT_EQ(-EINVAL, hmm_cmd(self->fd, HMM_DMIRROR_FLAGS, NULL,
+					   NULL, bad_flags[i], &cmd))
+			TH_LOG("flags 0x%llx", bad_flags[i]);
+
+	buf = hmm_map_thp(0xfa1, &size, &map, why, sizeof(why));
+	if (!buf)
+		SKIP(return, "%s", why);
+	npages = size / self->page_size;
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	snap = malloc(npages);
+	ASSERT_NE(NULL, snap);
+
+	/* To the device. */
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_FLAGS, NULL, NULL,
+			     HMM_DMIRROR_FLAG_FAIL_ALLOC, &cmd));
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0xfa1));
+	bad = hmm_snap_expect(self->fd, buf, npages, snap, local | rw);
+	ASSERT_EQ(-1, bad) TH_LOG("to the device: page %ld is 0x%02x", bad,
+				  snap[bad]);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf, NULL,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(buf, size, 0xfa1));
+	munmap(map, 2 * size);
+
+	/* Back to system memory. */
+	buf = hmm_map_thp(0xfa2, &size, &map, why, sizeof(why));
+	if (!buf)
+		SKIP(return, "%s", why);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	bad = hmm_snap_expect(self->fd, buf, npages, snap, local | rw | pmd);
+	ASSERT_EQ(-1, bad) TH_LOG("the flag is spent: page %ld is 0x%02x", bad,
+				  snap[bad]);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_FLAGS, NULL, NULL,
+			     HMM_DMIRROR_FLAG_FAIL_ALLOC, &cmd));
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf, NULL,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	bad = hmm_snap_expect(self->fd, buf, npages, snap, rw);
+	ASSERT_EQ(-1, bad) TH_LOG("to system memory: page %ld is 0x%02x", bad,
+				  snap[bad]);
+	ASSERT_EQ(-1, hmm_check(buf, size, 0xfa2));
+
+	free(snap);
+	free(mirror);
+	munmap(map, 2 * size);
+}
+
+/*
+ * Body of the child of migrate_fork_cow. Its copy of the @npages pages at
+ * @addr, shared copy on write with the parent, holds the parent's @seed in
+ * device memory. A device of its own (the same device, another file) reads
+ * them; the child writes @child_seed over them with the CPU and migrates
+ * its copy to that device, tells the parent so on @tell, waits for end of
+ * file on @wait and checks that its copy still holds @child_seed. Returns
+ * its exit status: 0 on success.
+ */
+static int hmm_child_fork_cow(int device, char *addr, __u64 npages,
+			      size_t page_size, __u32 seed, __u32 child_seed,
+			      int tell, int wait)
+{
+	size_t size = npages * page_size;
+	struct hmm_dmirror_cmd cmd;
+	char *mirror, c;
+	int fd, ret;
+
+	fd = hmm_open(device);
+	mirror = malloc(size);
+	if (fd < 0 || !mirror)
+		return 1;
+	ret = hmm_cmd(fd, HMM_DMIRROR_READ, addr, mirror, npages, &cmd);
+	if (ret || hmm_check(mirror, size, seed) >= 0) {
+		fprintf(stderr, "# child: device READ: %s\n",
+			ret ? strerror(-ret) : "not the parent's data");
+		return 2;
+	}
+	hmm_fill(addr, size, child_seed);
+	ret = hmm_cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, addr, mirror, npages,
+		      &cmd);
+	if (ret || cmd.cpages != npages) {
+		fprintf(stderr, "# child: migration: %s, %llu of %llu pages\n",
+			strerror(-ret), ret ? 0 : cmd.cpages, npages);
+		return 3;
+	}
+	if (hmm_check(mirror, size, child_seed) >= 0) {
+		fprintf(stderr, "# child: its device read the wrong data\n");
+		return 4;
+	}
+	if (write(tell, "", 1) != 1)
+		return 5;
+	while (read(wait, &c, 1) < 0 && errno == EINTR)
+		;
+	if (hmm_check(addr, size, child_seed) >= 0) {
+		fprintf(stderr, "# child: its copy changed\n");
+		return 6;
+	}
+	free(mirror);
+	close(fd);
+	return 0;
+}
+
+/*
+ * fork() of memory in device memory: parent and child share it copy on
+ * write. Each writes its own data with the CPU, and migrates its copy to
+ * the device through its own file, while the other one's copy is in device
+ * memory too: each sees only its own data, from the CPU and the device.
+ */
+TEST_F(hmm, migrate_fork_cow)
+{
+	const __u64 npages = HMM_NPAGES;
+	size_t size = npages * self->page_size;
+	struct hmm_dmirror_cmd cmd;
+	int status, tell[2], wait[2];
+	char *buf, *mirror, c;
+	pid_t pid;
+
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	ASSERT_NE(NULL, buf);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	hmm_fill(buf, size, 0xf00);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+
+	ASSERT_EQ(0, pipe2(tell, O_CLOEXEC));
+	ASSERT_EQ(0, pipe2(wait, O_CLOEXEC));
+	fflush(NULL);
+	pid = fork();
+	ASSERT_LE(0, pid);
+	if (!pid) {
+		close(tell[0]);
+		close(wait[1]);
+		_exit(hmm_child_fork_cow(variant->device, buf, npages,
+					 self->page_size, 0xf00, 0xf01,
+					 tell[1], wait[0]));
+	}
+	close(tell[1]);
+	close(wait[0]);
+
+	/* The child has written and migrated its copy. */
+	ASSERT_EQ(1, read(tell[0], &c, 1)) TH_LOG("the child failed");
+	ASSERT_EQ(-1, hmm_check(buf, size, 0xf00))
+		TH_LOG("the child's write reached the parent");
+	hmm_fill(buf, size, 0xf02);
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0xf02));
+
+	close(wait[1]);
+	ASSERT_EQ(pid, hmm_waitpid(pid, &status));
+	ASSERT_TRUE(WIFEXITED(status)) TH_LOG("child status 0x%x", status);
+	ASSERT_EQ(0, WEXITSTATUS(status));
+	ASSERT_EQ(-1, hmm_check(buf, size, 0xf02));
+
+	close(tell[0]);
+	free(mirror);
+	munmap(buf, size);
+}
+
+/* Ways gup_test takes references on user pages. */
+static const struct {
+	const char	*name;
+	unsigned long	request;
+	__u32		flags;
+	bool		longterm;
+} hmm_gup_cases[] = {
+	{ "get_user_pages()", GUP_BASIC_TEST, HMM_FOLL_WRITE, false },
+	{ "get_user_pages_fast()", GUP_FAST_BENCHMARK, HMM_FOLL_WRITE, false },
+	{ "pin_user_pages()", PIN_BASIC_TEST, HMM_FOLL_WRITE, false },
+	{ "pin_user_pages(), read-only", PIN_BASIC_TEST, 0, false },
+	{ "pin_user_pages_fast(FOLL_LONGTERM)", PIN_FAST_BENCHMARK,
+	  HMM_FOLL_WRITE | HMM_FOLL_LONGTERM, true },
+	{ "pin_user_pages(FOLL_LONGTERM)", PIN_LONGTERM_BENCHMARK,
+	  HMM_FOLL_WRITE, true },
+};
+
+/*
+ * get_user_pages() and pin_user_pages() of pages in device memory, through
+ * gup_test: every page is taken. Device-private pages cannot be handed out,
+ * so they move back to system memory; device-coherent ones can, and stay,
+ * unless the pin is long-term, which device memory may not hold. The data
+ * stays intact.
+ */
+TEST_F(hmm, migrate_gup)
+{
+	const __u64 npages = ARRAY_SIZE(hmm_gup_cases) * HMM_GUP_NPAGES;
+	size_t ps = self->page_size, size = npages * ps;
+	size_t part = HMM_GUP_NPAGES * ps;
+	unsigned char local = hmm_local(variant->coherent);
+	struct hmm_dmirror_cmd cmd;
+	unsigned char *snap, want;
+	char *buf, *mirror, *p;
+	struct gup_test gup;
+	unsigned int i;
+	int gup_fd;
+	long bad;
+
+	gup_fd = open(HMM_GUP_TEST, O_RDWR | O_CLOEXEC);
+	if (gup_fd < 0)
+		SKIP(return, "no %s (CONFIG_GUP_TEST, debugfs): %s",
+		     HMM_GUP_TEST, strerror(errno));
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	ASSERT_NE(NULL, buf);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	snap = malloc(npages);
+	ASSERT_NE(NULL, snap);
+	hmm_fill(buf, size, 0x6e0);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+
+	for (i = 0; i < ARRAY_SIZE(hmm_gup_cases); i++) {
+		const char *name = hmm_gup_cases[i].name;
+
+		p = buf + i * part;
+		memset(&gup, 0, sizeof(gup));
+		gup.addr = (uintptr_t)p;
+		gup.size = part;
+		gup.nr_pages_per_call = HMM_GUP_NPAGES;
+		gup.gup_flags = hmm_gup_cases[i].flags;
+		ASSERT_EQ(0, ioctl(gup_fd, hmm_gup_cases[i].request, &gup))
+			TH_LOG("%s: %s", name, strerror(errno));
+		ASSERT_EQ(part, gup.size) TH_LOG("%s: not every page taken",
+						 name);
+
+		if (variant->coherent && !hmm_gup_cases[i].longterm)
+			want = local | HMM_DMIRROR_PROT_WRITE;
+		else
+			want = HMM_DMIRROR_PROT_WRITE;
+		bad = hmm_snap_expect(self->fd, p, HMM_GUP_NPAGES, snap, want);
+		ASSERT_EQ(-1, bad) TH_LOG("%s: page %ld is 0x%02x, expected 0x%02x",
+					  name, bad, snap[bad], want);
+	}
+	ASSERT_EQ(-1, hmm_check(buf, size, 0x6e0));
+
+	free(snap);
+	free(mirror);
+	munmap(buf, size);
+	close(gup_fd);
+}
+
+/*
+ * A long-term pin held across migrations (gup_test's PIN_LONGTERM_TEST_*):
+ * taking it moves the pages out of device memory. While it is held the
+ * pages cannot move to the device, which reads them in place, and the pin
+ * holds the very pages the CPU writes. Once unpinned, they migrate.
+ */
+TEST_F(hmm, migrate_gup_longterm_held)
+{
+	const __u64 npages = HMM_SMALL_NPAGES;
+	size_t size = npages * self->page_size;
+	unsigned char local = hmm_local(variant->coherent);
+	struct pin_longterm_test pin = { 0 };
+	char *buf, *mirror, *pinned;
+	struct hmm_dmirror_cmd cmd;
+	unsigned char *snap;
+	__u64 uaddr;
+	int gup_fd;
+	long bad;
+
+	gup_fd = open(HMM_GUP_TEST, O_RDWR | O_CLOEXEC);
+	if (gup_fd < 0)
+		SKIP(return, "no %s (CONFIG_GUP_TEST, debugfs): %s",
+		     HMM_GUP_TEST, strerror(errno));
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	ASSERT_NE(NULL, buf);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	pinned = malloc(size);
+	ASSERT_NE(NULL, pinned);
+	snap = malloc(npages);
+	ASSERT_NE(NULL, snap);
+	uaddr = (uintptr_t)pinned;
+	hmm_fill(buf, size, 0x91e);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+
+	pin.addr = (uintptr_t)buf;
+	pin.size = size;
+	pin.flags = PIN_LONGTERM_TEST_FLAG_USE_WRITE;
+	ASSERT_EQ(0, ioctl(gup_fd, PIN_LONGTERM_TEST_START, &pin))
+		TH_LOG("PIN_LONGTERM_TEST_START: %s", strerror(errno));
+	bad = hmm_snap_expect(self->fd, buf, npages, snap,
+			      HMM_DMIRROR_PROT_WRITE);
+	ASSERT_EQ(-1, bad) TH_LOG("pinned: page %ld is 0x%02x", bad,
+				  snap[bad]);
+	memset(pinned, 0, size);
+	ASSERT_EQ(0, ioctl(gup_fd, PIN_LONGTERM_TEST_READ, &uaddr));
+	ASSERT_EQ(-1, hmm_check(pinned, size, 0x91e));
+
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(0ULL, cmd.cpages) TH_LOG("pinned pages moved");
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0x91e));
+	hmm_fill(buf, size, 0x91f);
+	ASSERT_EQ(0, ioctl(gup_fd, PIN_LONGTERM_TEST_READ, &uaddr));
+	ASSERT_EQ(-1, hmm_check(pinned, size, 0x91f))
+		TH_LOG("the pin does not hold the pages the CPU writes");
+
+	ASSERT_EQ(0, ioctl(gup_fd, PIN_LONGTERM_TEST_STOP));
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0x91f));
+	bad = hmm_snap_expect(self->fd, buf, npages, snap,
+			      local | HMM_DMIRROR_PROT_WRITE);
+	ASSERT_EQ(-1, bad) TH_LOG("unpinned: page %ld is 0x%02x", bad,
+				  snap[bad]);
+
+	free(snap);
+	free(pinned);
+	free(mirror);
+	munmap(buf, size);
+	close(gup_fd);
+}
+
+#ifdef HMM_HAVE_LIBURING
+/* One fixed-buffer read or write of @len bytes at @buf, offset 0 of @fd. */
+static int hmm_uring_rw(struct io_uring *ring, bool write, int fd, void *buf,
+			unsigned int len)
+{
+	struct io_uring_cqe *cqe;
+	struct io_uring_sqe *sqe;
+	int ret;
+
+	sqe = io_uring_get_sqe(ring);
+	if (!sqe)
+		return -EBUSY;
+	if (write)
+		io_uring_prep_write_fixed(sqe, fd, buf, len, 0, 0);
+	else
+		io_uring_prep_read_fixed(sqe, fd, buf, len, 0, 0);
+	ret = io_uring_submit(ring);
+	if (ret != 1)
+		return ret < 0 ? ret : -EIO;
+	ret = io_uring_wait_cqe(ring, &cqe);
+	if (ret)
+		return ret;
+	ret = cqe->res;
+	io_uring_cqe_seen(ring, cqe);
+	return ret;
+}
+#endif
+
+/*
+ * A buffer in device memory registered as an io_uring fixed buffer: the
+ * registration pins it long-term, which moves it to system memory, where
+ * it stays while registered (migration leaves it, the device reads it in
+ * place). IORING_OP_WRITE_FIXED writes its data to a file and
+ * IORING_OP_READ_FIXED reads the file's into it, as the CPU and the device
+ * see. Once unregistered, it migrates again.
+ */
+TEST_F(hmm, migrate_io_uring_fixed)
+{
+#ifndef HMM_HAVE_LIBURING
+	SKIP(return, "built without liburing (HMM_HAVE_LIBURING)");
+#else
+	const __u64 npages = HMM_SMALL_NPAGES;
+	size_t size = npages * self->page_size;
+	unsigned char local = hmm_local(variant->coherent);
+	struct hmm_dmirror_cmd cmd;
+	struct io_uring ring;
+	unsigned char *snap;
+	char *buf, *mirror, *io;
+	struct iovec iov;
+	int fd, ret;
+	long bad;
+
+	ret = io_uring_queue_init(4, &ring, 0);
+	if (ret)
+		SKIP(return, "io_uring_queue_init(): %s", strerror(-ret));
+	fd = hmm_tmpfile(size);
+	if (fd < 0)
+		SKIP(return, "no writable directory for a temporary file");
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	ASSERT_NE(NULL, buf);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	io = malloc(size);
+	ASSERT_NE(NULL, io);
+	snap = malloc(npages);
+	ASSERT_NE(NULL, snap);
+	hmm_fill(buf, size, 0x10b);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+
+	iov.iov_base = buf;
+	iov.iov_len = size;
+	ret = io_uring_register_buffers(&ring, &iov, 1);
+	ASSERT_EQ(0, ret) TH_LOG("io_uring_register_buffers(): %s",
+				 strerror(-ret));
+	bad = hmm_snap_expect(self->fd, buf, npages, snap,
+			      HMM_DMIRROR_PROT_WRITE);
+	ASSERT_EQ(-1, bad) TH_LOG("registered: page %ld is 0x%02x", bad,
+				  snap[bad]);
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(0ULL, cmd.cpages) TH_LOG("registered pages moved");
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0x10b));
+
+	ASSERT_EQ((int)size, hmm_uring_rw(&ring, true, fd, buf, size));
+	memset(io, 0, size);
+	ASSERT_EQ((ssize_t)size, pread(fd, io, size, 0));
+	ASSERT_EQ(-1, hmm_check(io, size, 0x10b))
+		TH_LOG("WRITE_FIXED wrote the wrong data");
+
+	hmm_fill(io, size, 0x10c);
+	ASSERT_EQ((ssize_t)size, pwrite(fd, io, size, 0));
+	ASSERT_EQ((int)size, hmm_uring_rw(&ring, false, fd, buf, size));
+	ASSERT_EQ(-1, hmm_check(buf, size, 0x10c))
+		TH_LOG("the CPU does not see what READ_FIXED read");
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_READ, buf, mirror, npages,
+			     &cmd));
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0x10c))
+		TH_LOG("the device does not see what READ_FIXED read");
+
+	ASSERT_EQ(0, io_uring_unregister_buffers(&ring));
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	bad = hmm_snap_expect(self->fd, buf, npages, snap,
+			      local | HMM_DMIRROR_PROT_WRITE);
+	ASSERT_EQ(-1, bad) TH_LOG("unregistered: page %ld is 0x%02x", bad,
+				  snap[bad]);
+
+	io_uring_queue_exit(&ring);
+	free(snap);
+	free(io);
+	free(mirror);
+	munmap(buf, size);
+	close(fd);
+#endif
+}
+
+/*
+ * The first two NUMA nodes with memory, from HMM_NODE_DIR/has_memory (a
+ * list such as "0-1" or "0,2"), into @nodes: false if there are fewer.
+ */
+static bool hmm_two_nodes(int *nodes)
+{
+	unsigned int found = 0;
+	char buf[256], *p, *end;
+	long first, last;
+
+	if (hmm_read_file(HMM_NODE_DIR "/has_memory", buf, sizeof(buf)))
+		return false;
+	for (p = buf; found < 2; p = end + 1) {
+		first = strtol(p, &end, 10);
+		if (end == p)
+			break;
+		last = first;
+		if (*end == '-')
+			last = strtol(end + 1, &end, 10);
+		for (; first <= last && found < 2; first++)
+			nodes[found++] = first;
+		if (*end != ',')
+			break;
+	}
+	return found == 2;
+}
+
+/*
+ * Index of the first of @npages pages at @addr that move_pages() does not
+ * report on @node, -1 if there is none; -2 if move_pages() fails. Their
+ * nodes go to @status.
+ */
+static long hmm_off_node(char *addr, __u64 npages, size_t page_size,
+			 int node, int *status)
+{
+	void *pages[HMM_SMALL_NPAGES];
+	__u64 i;
+
+	if (npages > HMM_SMALL_NPAGES)
+		return -2;
+	for (i = 0; i < npages; i++) {
+		pages[i] = addr + i * page_size;
+		status[i] = -1;
+	}
+	if (syscall(SYS_move_pages, 0, npages, pages, NULL, status, 0))
+		return -2;
+	for (i = 0; i < npages; i++)
+		if (status[i] != node)
+			return i;
+	return -1;
+}
+
+/*
+ * Memory bound to one NUMA node (mbind(MPOL_BIND)) comes back from the
+ * device to that node, by MIGRATE_TO_SYS and by a CPU fault (device-private
+ * memory: device-coherent pages do not move for the CPU), for each of two
+ * nodes.
+ */
+TEST_F(hmm, migrate_numa_bind)
+{
+	const __u64 npages = HMM_SMALL_NPAGES;
+	size_t size = npages * self->page_size;
+	int nodes[2], status[HMM_SMALL_NPAGES];
+	struct hmm_dmirror_cmd cmd;
+	unsigned long mask;
+	unsigned int n, cpu;
+	char *buf, *mirror;
+	__u32 seed;
+	long bad;
+
+	if (!hmm_two_nodes(nodes))
+		SKIP(return, "fewer than two NUMA nodes with memory in %s/has_memory",
+		     HMM_NODE_DIR);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+
+	for (n = 0; n < 2; n++) {
+		for (cpu = 0; cpu < 2; cpu++) {
+			const char *how = cpu ? "CPU fault" : "MIGRATE_TO_SYS";
+
+			if (cpu && variant->coherent)
+				continue;
+			seed = 0x40de + 2 * n + cpu;
+			buf = hmm_map_anon(size, PROT_READ | PROT_WRITE,
+					   MAP_PRIVATE);
+			ASSERT_NE(NULL, buf);
+			mask = 1UL << nodes[n];
+			ASSERT_EQ(0, syscall(SYS_mbind, buf, size, MPOL_BIND,
+					     &mask, 8 * sizeof(mask), 0))
+				TH_LOG("mbind(): %s", strerror(errno));
+			hmm_fill(buf, size, seed);
+			bad = hmm_off_node(buf, npages, self->page_size,
+					   nodes[n], status);
+			ASSERT_EQ(-1, bad)
+				TH_LOG("node %d: page %ld allocated on node %d",
+				       nodes[n], bad, bad < 0 ? -1 : status[bad]);
+
+			ASSERT_EQ(0, hmm_cmd(self->fd,
+					     HMM_DMIRROR_MIGRATE_TO_DEV, buf,
+					     mirror, npages, &cmd));
+			ASSERT_EQ(npages, cmd.cpages);
+			if (cpu) {
+				ASSERT_EQ(-1, hmm_check(buf, size, seed));
+			} else {
+				ASSERT_EQ(0, hmm_cmd(self->fd,
+						     HMM_DMIRROR_MIGRATE_TO_SYS,
+						     buf, NULL, npages, &cmd));
+				ASSERT_EQ(npages, cmd.cpages);
+			}
+			bad = hmm_off_node(buf, npages, self->page_size,
+					   nodes[n], status);
+			ASSERT_EQ(-1, bad)
+				TH_LOG("node %d, %s: page %ld came back to node %d",
+				       nodes[n], how, bad,
+				       bad < 0 ? -1 : status[bad]);
+			ASSERT_EQ(-1, hmm_check(buf, size, seed));
+			munmap(buf, size);
+		}
+	}
+	free(mirror);
+}
+
+/*
+ * Device memory belongs to the device, not to the file that migrated the
+ * pages: once that file is closed they are still in device memory, as
+ * another file of the device sees, and the CPU reads their data.
+ */
+TEST_F(hmm, migrate_close)
+{
+	unsigned char local = hmm_local(variant->coherent);
+	const __u64 npages = HMM_NPAGES;
+	size_t size = npages * self->page_size;
+	struct hmm_dmirror_cmd cmd;
+	unsigned char *snap;
+	char *buf, *mirror;
+	long bad;
+	int fd;
+
+	fd = hmm_open(variant->device);
+	ASSERT_LE(0, fd);
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	ASSERT_NE(NULL, buf);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	snap = malloc(npages);
+	ASSERT_NE(NULL, snap);
+	hmm_fill(buf, size, 0xc105e);
+
+	ASSERT_EQ(0, hmm_cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(0, close(fd));
+
+	bad = hmm_snap_expect(self->fd, buf, npages, snap,
+			      local | HMM_DMIRROR_PROT_WRITE);
+	ASSERT_EQ(-1, bad) TH_LOG("closed: page %ld is 0x%02x", bad,
+				  snap[bad]);
+	ASSERT_EQ(-1, hmm_check(buf, size, 0xc105e));
+	bad = hmm_snap_expect(self->fd, buf, npages, snap,
+			      hmm_cpu_touched(variant->coherent));
+	ASSERT_EQ(-1, bad) TH_LOG("CPU read: page %ld is 0x%02x", bad,
+				  snap[bad]);
+
+	free(snap);
+	free(mirror);
+	munmap(buf, size);
+}
+
+/*
+ * Body of the child of migrate_exit: migrate @npages pages holding @seed to
+ * a device of its own, and exit with them there and the file open. Returns
+ * its exit status: 0 on success.
+ */
+static int hmm_child_migrate(int device, __u64 npages, size_t page_size,
+			     __u32 seed)
+{
+	size_t size = npages * page_size;
+	struct hmm_dmirror_cmd cmd;
+	char *buf, *mirror;
+	int fd, ret;
+
+	fd = hmm_open(device);
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	mirror = malloc(size);
+	if (fd < 0 || !buf || !mirror)
+		return 1;
+	hmm_fill(buf, size, seed);
+	ret = hmm_cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror, npages,
+		      &cmd);
+	if (ret || cmd.cpages != npages) {
+		fprintf(stderr, "# child: migration: %s, %llu of %llu pages\n",
+			strerror(-ret), ret ? 0 : cmd.cpages, npages);
+		return 2;
+	}
+	return 0;
+}
+
+/*
+ * A process that exits with pages in device memory frees them: evicting the
+ * device's memory afterwards finds no page held (it would fail with EBUSY),
+ * and the device keeps working for the processes left.
+ */
+TEST_F(hmm, migrate_exit)
+{
+	const __u64 npages = HMM_NPAGES;
+	size_t size = npages * self->page_size;
+	struct hmm_dmirror_cmd cmd;
+	char *buf, *mirror;
+	int status;
+	pid_t pid;
+
+	fflush(NULL);
+	pid = fork();
+	ASSERT_LE(0, pid);
+	if (!pid)
+		_exit(hmm_child_migrate(variant->device, npages,
+					self->page_size, 0xe71));
+	ASSERT_EQ(pid, hmm_waitpid(pid, &status));
+	ASSERT_TRUE(WIFEXITED(status)) TH_LOG("child status 0x%x", status);
+	ASSERT_EQ(0, WEXITSTATUS(status));
+	ASSERT_EQ(0, hmm_ioctl(self->fd, HMM_DMIRROR_RELEASE, NULL))
+		TH_LOG("device memory left held by the child");
+
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	ASSERT_NE(NULL, buf);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+	hmm_fill(buf, size, 0xe72);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0xe72));
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_READ, buf, mirror, npages,
+			     &cmd));
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0xe72));
+
+	free(mirror);
 	munmap(buf, size);
 }
 
