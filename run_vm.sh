@@ -654,7 +654,7 @@ memmap=$SPM_SIZE\$$SPM_ADDR0 memmap=$SPM_SIZE\$$SPM_ADDR1" \
 
 # --- Step: report ----------------------------------------------------------
 
-readonly SPLAT_RE='BUG:|WARNING:|Oops|general protection fault|KASAN|UBSAN|possible recursive locking|possible circular locking|inconsistent lock state|suspicious RCU usage|INFO: task .* blocked for more than|soft lockup|hard LOCKUP|unreferenced object|Call Trace|Kernel panic|oom_reaper: unable to reap'
+readonly SPLAT_RE='BUG:|WARNING:|Oops|general protection fault|KASAN|UBSAN|possible recursive locking|possible circular locking|inconsistent lock state|suspicious RCU usage|INFO: task .* blocked for more than|soft lockup|hard LOCKUP|unreferenced object|Call Trace|Kernel panic|oom_reaper: unable to reap|Trying to free nonexistent resource'
 
 # Line numbers of splats in the console log. The report of an OOM kill,
 # which tests provoke on purpose, carries a stack dump: from "invoked

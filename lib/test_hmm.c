@@ -1333,6 +1333,9 @@ static int dmirror_fault(struct dmirror *dmirror, unsigned long start,
  * @evicting: no allocation from this chunk; under mem_lock
  * @backing: device-private only, the system page that stands in for the
  *	device storage of each device page; NULL while the page is free
+ * @res: device-private only, the physical address region taken; it may be
+ *	larger than the chunk (request_free_mem_region() rounds up to a
+ *	memory section)
  *
  * A bitmap allocator serves both sizes the device hands out: a 4 KiB page is
  * the first clear bit, a PMD-sized folio a clear aligned run, so small pages
@@ -1348,6 +1351,7 @@ struct dmirror_chunk {
 	unsigned long nr_used;
 	bool evicting;
 	struct page **backing;
+	struct resource *res;
 };
 
 static const struct dev_pagemap_ops dmirror_devmem_ops;
@@ -1432,6 +1436,7 @@ static int dmirror_chunk_add(struct dmirror_device *mdevice)
 			ret = PTR_ERR(res);
 			goto free;
 		}
+		chunk->res = res;
 		chunk->pagemap.type = MEMORY_DEVICE_PRIVATE;
 		chunk->pagemap.range.start = res->start;
 	} else {
@@ -1460,7 +1465,7 @@ static int dmirror_chunk_add(struct dmirror_device *mdevice)
 
 release:
 	if (res)
-		release_mem_region(res->start, size);
+		release_mem_region(res->start, resource_size(res));
 free:
 	dmirror_chunk_free(chunk);
 	return ret;
@@ -2586,9 +2591,9 @@ static void dmirror_chunk_remove(struct dmirror_chunk *chunk)
 	spin_unlock(&mdevice->mem_lock);
 	mdevice->nr_chunks--;
 	memunmap_pages(&chunk->pagemap);
-	if (chunk->pagemap.type == MEMORY_DEVICE_PRIVATE)
-		release_mem_region(chunk->pagemap.range.start,
-				   range_len(&chunk->pagemap.range));
+	if (chunk->res)
+		release_mem_region(chunk->res->start,
+				   resource_size(chunk->res));
 	dmirror_chunk_free(chunk);
 }
 

@@ -30,6 +30,14 @@
  *   fork() and at another device's fault; the split of a THP's PMD; the
  *   memory that cannot be taken (shared, file, hugetlb, not writable); one
  *   device's threads taking and giving back their own slices concurrently;
+ * - migration to device memory and back, by request, by CPU fault and by
+ *   eviction: where each page is (SNAPSHOT) and its data; the memory that
+ *   cannot move (shared, page cache, pinned, on another device, holes and
+ *   PROT_NONE); transparent huge pages (empty, the huge zero page,
+ *   collapsed, MADV_FREE, partial munmap(), mremap(), failed device
+ *   allocations); fork(); get_user_pages(), long-term pins and io_uring
+ *   fixed buffers; NUMA memory policies; pages left on the device by a
+ *   closed file or an exited process;
  * - rejection of malformed requests;
  * - many devices mirroring one process, in each notifier model and
  *   invalidation mode: every device is told of munmap(), mprotect(),
@@ -49,6 +57,11 @@
  * in the repository does the same in a QEMU guest. "./hmm-tests -l" lists the
  * tests and "-r <fixture>.<variant>.<test>" (e.g. "-r hmm.private0.anon_read",
  * "-r hmm_config.oom_kill") runs a single one.
+ *
+ * Some tests need more and skip, saying why, without it: gup_test
+ * (CONFIG_GUP_TEST, debugfs mounted), two NUMA nodes with memory, THP, and
+ * for io_uring fixed buffers a build with -DHMM_HAVE_LIBURING and -luring,
+ * as run_vm.sh does (a kernel tree's selftests build has no liburing).
  */
 
 #include "kselftest_harness.h"
@@ -2577,19 +2590,21 @@ TEST_F(hmm, migrate_shared)
 
 /*
  * A private file mapping: only its anonymous pages, the private copies the
- * CPU made by writing, move to the device. Pages still in the page cache
- * are not migrated nor counted, and the device reads them in place. The
- * file keeps its data throughout.
+ * CPU made by writing, can move to the device. Pages still in the page
+ * cache cannot: while the range has one, migration fails with ENOENT,
+ * having moved the anonymous pages and left the page cache ones mapped as
+ * they were. Once the CPU has written every page, the whole range moves.
+ * The file keeps its data throughout.
  */
 TEST_F(hmm, migrate_file_private)
 {
-	const unsigned char rw = HMM_DMIRROR_PROT_WRITE;
+	const unsigned char ro = HMM_DMIRROR_PROT_READ;
 	unsigned char local = hmm_local(variant->coherent);
 	const __u64 npages = HMM_NPAGES, half = npages / 2;
-	size_t size = npages * self->page_size;
-	size_t hsize = half * self->page_size;
+	size_t ps = self->page_size, size = npages * ps;
+	size_t hsize = half * ps;
 	struct hmm_dmirror_cmd cmd;
-	char *buf, *mirror, *ref, *io;
+	char *buf, *mirror, *io;
 	unsigned char *snap;
 	int fd;
 	long bad;
@@ -2599,8 +2614,6 @@ TEST_F(hmm, migrate_file_private)
 		SKIP(return, "no writable directory for a temporary file");
 	mirror = malloc(size);
 	ASSERT_NE(NULL, mirror);
-	ref = malloc(size);
-	ASSERT_NE(NULL, ref);
 	io = malloc(size);
 	ASSERT_NE(NULL, io);
 	snap = malloc(npages);
@@ -2610,44 +2623,38 @@ TEST_F(hmm, migrate_file_private)
 	buf = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
 	ASSERT_NE(MAP_FAILED, buf);
 
-	/* Never written: page cache pages only. */
-	memset(mirror, 0, size);
-	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
-			     npages, &cmd));
-	ASSERT_EQ(0ULL, cmd.cpages);
-	ASSERT_EQ(-1, hmm_check(mirror, size, 0xf1a));
-	bad = hmm_snap_expect(self->fd, buf, npages, snap,
-			      HMM_DMIRROR_PROT_READ);
+	/* Read, never written: page cache pages only. */
+	hmm_cpu_read(buf, size, ps);
+	ASSERT_EQ(-ENOENT, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf,
+				   mirror, npages, &cmd));
+	ASSERT_EQ(HMM_POISON, cmd.cpages);
+	bad = hmm_snap_expect(self->fd, buf, npages, snap, ro);
 	ASSERT_EQ(-1, bad) TH_LOG("page cache: page %ld is 0x%02x", bad,
 				  snap[bad]);
 
 	/* The CPU writes the first half: those pages become anonymous. */
-	hmm_fill(ref, size, 0xc09);
-	memcpy(buf, ref, hsize);
-	memcpy(ref + hsize, io + hsize, size - hsize);
-	memset(mirror, 0, size);
-	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
-			     npages, &cmd));
-	ASSERT_EQ(half, cmd.cpages);
-	ASSERT_EQ(0, memcmp(mirror, ref, size));
-	bad = hmm_snap_expect(self->fd, buf, half, snap, local | rw);
+	hmm_fill(buf, hsize, 0xc09);
+	ASSERT_EQ(-ENOENT, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf,
+				   mirror, npages, &cmd));
+	bad = hmm_snap_expect(self->fd, buf, half, snap,
+			      local | HMM_DMIRROR_PROT_WRITE);
 	ASSERT_EQ(-1, bad) TH_LOG("written: page %ld is 0x%02x", bad,
 				  snap[bad]);
-	bad = hmm_snap_expect(self->fd, buf + hsize, npages - half, snap,
-			      HMM_DMIRROR_PROT_READ);
+	bad = hmm_snap_expect(self->fd, buf + hsize, npages - half, snap, ro);
 	ASSERT_EQ(-1, bad) TH_LOG("page cache: page %llu is 0x%02x",
 				  half + bad, snap[bad]);
+	ASSERT_EQ(-1, hmm_check(buf, hsize, 0xc09));
+	ASSERT_EQ(0, memcmp(buf + hsize, io + hsize, size - hsize));
 
 	/* Then the rest. */
-	hmm_fill(ref, size, 0xc09);
-	memcpy(buf + hsize, ref + hsize, size - hsize);
+	hmm_fill(buf, size, 0xc0a);
 	memset(mirror, 0, size);
 	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
 			     npages, &cmd));
 	ASSERT_EQ(npages, cmd.cpages);
-	ASSERT_EQ(-1, hmm_check(mirror, size, 0xc09));
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0xc0a));
+	ASSERT_EQ(-1, hmm_check(buf, size, 0xc0a));
 
-	ASSERT_EQ(-1, hmm_check(buf, size, 0xc09));
 	memset(io, 0, size);
 	ASSERT_EQ((ssize_t)size, pread(fd, io, size, 0));
 	ASSERT_EQ(-1, hmm_check(io, size, 0xf1a)) TH_LOG("the file changed");
@@ -2655,7 +2662,6 @@ TEST_F(hmm, migrate_file_private)
 	munmap(buf, size);
 	free(snap);
 	free(io);
-	free(ref);
 	free(mirror);
 	close(fd);
 }
@@ -2665,9 +2671,9 @@ TEST_F(hmm, migrate_file_private)
  * B reads pages in A's memory: device-private pages move back to system
  * memory for that, device-coherent pages are read where they are, as any
  * CPU-addressable page. B's migration then takes the pages that are in
- * system memory; those in A's coherent memory stay until A gives them back.
- * A does not see B's private pages (SNAPSHOT reports them as not
- * populated) but reads their data.
+ * system memory; it fails with ENOENT for pages in A's coherent memory,
+ * which stay there until A gives them back. A does not see B's private
+ * pages (SNAPSHOT reports them as not populated) but reads their data.
  */
 TEST_F(hmm, migrate_two_devices)
 {
@@ -2714,19 +2720,21 @@ TEST_F(hmm, migrate_two_devices)
 					  other, bad, snap[bad]);
 	}
 
-	memset(mirror, 0, size);
-	ASSERT_EQ(0, hmm_cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
-			     npages, &cmd));
-	ASSERT_EQ(coherent ? 0ULL : npages, cmd.cpages);
-	ASSERT_EQ(-1, hmm_check(mirror, size, 0x2d0));
 	if (coherent) {
+		ASSERT_EQ(-ENOENT, hmm_cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf,
+					   mirror, npages, &cmd));
+		bad = hmm_snap_expect(self->fd, buf, npages, snap, local | rw);
+		ASSERT_EQ(-1, bad) TH_LOG("device %d took page %ld (0x%02x)",
+					  other, bad, snap[bad]);
 		ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf,
 				     NULL, npages, &cmd));
 		ASSERT_EQ(npages, cmd.cpages);
-		ASSERT_EQ(0, hmm_cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf,
-				     mirror, npages, &cmd));
-		ASSERT_EQ(npages, cmd.cpages);
 	}
+	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			     npages, &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(mirror, size, 0x2d0));
 	bad = hmm_snap_expect(fd, buf, npages, snap, local | rw);
 	ASSERT_EQ(-1, bad) TH_LOG("device %d's memory: page %ld is 0x%02x",
 				  other, bad, snap[bad]);
@@ -2761,14 +2769,14 @@ static const struct {
 	enum hmm_mig_range	range;
 	int			err;	/* of either migration, 0 if none */
 } hmm_mig_ranges[] = {
-	{ "PROT_NONE page", HMM_MIG_PROT_NONE_PAGE, EFAULT },
-	{ "hole", HMM_MIG_HOLE, EFAULT },
+	{ "PROT_NONE page", HMM_MIG_PROT_NONE_PAGE, EINVAL },
+	{ "hole", HMM_MIG_HOLE, EINVAL },
 	{ "read-only", HMM_MIG_READ_ONLY, 0 },
 };
 
 /*
  * A range with a page the CPU cannot read, PROT_NONE or not mapped at all,
- * cannot migrate either way: EFAULT, nothing reported back, no data lost.
+ * cannot migrate either way: EINVAL, nothing reported back, no data lost.
  * Read-only memory migrates, and stays read-only on the device.
  */
 TEST_F(hmm, migrate_bad_range)
@@ -2855,6 +2863,31 @@ TEST_F(hmm, migrate_bad_range)
 	free(mirror);
 }
 
+/*
+ * Kernel bugs (7.3) that device-coherent THPs run into and that the driver
+ * cannot work around. The steps that hit them are left out for
+ * device-coherent memory, saying so in the log, until the kernel is fixed:
+ *
+ * HMM_BUG_COHERENT_THP_TO_SYS: migrate_vma_setup() collects a PMD-mapped
+ * folio only with MIGRATE_VMA_SELECT_SYSTEM (migrate_vma_collect_huge_pmd()),
+ * device-coherent ones too, so MIGRATE_TO_SYS moves no page of a THP in
+ * device-coherent memory (cpages 0, the pages stay). A driver selecting
+ * system memory as well gets a WARNING in free_zone_device_folio() (a folio
+ * without pgmap) and device pages that stay pinned.
+ *
+ * HMM_BUG_COHERENT_THP_SPLIT_QUEUE: unmapping part of a THP in
+ * device-coherent memory, or unmapping it one page table at a time once it
+ * is mapped by PTEs across two of them, puts it on the deferred split queue
+ * (__folio_remove_rmap() leaves out device-private folios only), and
+ * free_zone_device_folio() does not take it off before
+ * mem_cgroup_uncharge(): WARNING in uncharge_folio(), and a freed folio
+ * left on the queue.
+ */
+#define HMM_BUG_COHERENT_THP_TO_SYS \
+	"kernel bug: MIGRATE_TO_SYS moves no page of a device-coherent THP"
+#define HMM_BUG_COHERENT_THP_SPLIT_QUEUE \
+	"kernel bug: a partly unmapped device-coherent THP is freed while on the deferred split queue"
+
 /* Offset of the first word of @buf not holding @filled's data, else -1. */
 static long hmm_thp_check(const char *buf, size_t size, bool filled,
 			  __u32 seed)
@@ -2884,9 +2917,10 @@ static const struct {
  * A PMD-aligned, PMD-sized range moves as one huge page whatever it held:
  * nothing, the huge zero page, or a THP. It becomes a device THP, mapped
  * by a PMD, with the data (zeros for the first two); MIGRATE_TO_SYS brings
- * it back as a THP and counts all of its pages. After a second migration,
- * a CPU read brings a device-private THP back whole, and leaves a
- * device-coherent one where it is.
+ * it back as a THP and counts all of its pages (device-private memory only:
+ * HMM_BUG_COHERENT_THP_TO_SYS). After a second migration, a CPU read brings
+ * a device-private THP back whole, and leaves a device-coherent one where
+ * it is.
  */
 TEST_F(hmm, migrate_thp)
 {
@@ -2924,8 +2958,8 @@ TEST_F(hmm, migrate_thp)
 		bad = hmm_snap_expect(self->fd, buf, npages, snap,
 				      hmm_thp_sources[i].state);
 		if (source == HMM_THP_ZERO && bad >= 0) {
-			TH_LOG("%s: skipped: a read maps 0x%02x, not the huge zero page (%s/use_zero_page)",
-			       name, snap[0], HMM_THP_DIR);
+			TH_LOG("%s: skipped: a read maps 0x%02x (see %s)",
+			       name, snap[0], HMM_THP_DIR "/use_zero_page");
 			munmap(map, 2 * size);
 			continue;
 		}
@@ -2942,14 +2976,22 @@ TEST_F(hmm, migrate_thp)
 		ASSERT_EQ(-1, bad) TH_LOG("%s: on the device: page %ld is 0x%02x",
 					  name, bad, snap[bad]);
 
-		ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf,
-				     NULL, npages, &cmd)) TH_LOG("%s", name);
-		ASSERT_EQ(npages, cmd.cpages) TH_LOG("%s: moved back", name);
-		bad = hmm_snap_expect(self->fd, buf, npages, snap, thp);
-		ASSERT_EQ(-1, bad) TH_LOG("%s: moved back: page %ld is 0x%02x",
-					  name, bad, snap[bad]);
-		ASSERT_EQ(-1, hmm_thp_check(buf, size, filled, seed))
-			TH_LOG("%s: moved back: wrong data", name);
+		if (variant->coherent) {
+			TH_LOG("%s: MIGRATE_TO_SYS left out: %s", name,
+			       HMM_BUG_COHERENT_THP_TO_SYS);
+		} else {
+			ASSERT_EQ(0, hmm_cmd(self->fd,
+					     HMM_DMIRROR_MIGRATE_TO_SYS, buf,
+					     NULL, npages, &cmd));
+			ASSERT_EQ(npages, cmd.cpages)
+				TH_LOG("%s: moved back", name);
+			bad = hmm_snap_expect(self->fd, buf, npages, snap, thp);
+			ASSERT_EQ(-1, bad)
+				TH_LOG("%s: moved back: page %ld is 0x%02x",
+				       name, bad, snap[bad]);
+			ASSERT_EQ(-1, hmm_thp_check(buf, size, filled, seed))
+				TH_LOG("%s: moved back: wrong data", name);
+		}
 
 		ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf,
 				     mirror, npages, &cmd)) TH_LOG("%s", name);
@@ -3093,6 +3135,7 @@ static const struct {
 /*
  * munmap() of part of a THP in device memory: the rest stays mapped, in
  * device memory, now by 4 KiB entries, and the CPU reads its data.
+ * Device-private memory only: HMM_BUG_COHERENT_THP_SPLIT_QUEUE.
  */
 TEST_F(hmm, migrate_thp_partial_unmap)
 {
@@ -3105,6 +3148,8 @@ TEST_F(hmm, migrate_thp_partial_unmap)
 	__u64 npages;
 	long bad;
 
+	if (variant->coherent)
+		SKIP(return, "%s", HMM_BUG_COHERENT_THP_SPLIT_QUEUE);
 	for (i = 0; i < ARRAY_SIZE(hmm_thp_holes); i++) {
 		const char *name = hmm_thp_holes[i].name;
 		unsigned int first = hmm_thp_holes[i].first;
@@ -3175,7 +3220,9 @@ static const struct {
  * mremap() of a THP in device memory, to a PMD-aligned address or not: the
  * pages move with the mapping and stay in device memory, and the CPU reads
  * their data at the new address. With MREMAP_DONTUNMAP the old range stays
- * mapped, empty: it reads zeros.
+ * mapped, empty: it reads zeros. Device-coherent memory moves to aligned
+ * addresses only: unmapping a THP mapped by PTEs across two page tables
+ * hits HMM_BUG_COHERENT_THP_SPLIT_QUEUE.
  */
 TEST_F(hmm, migrate_thp_mremap)
 {
@@ -3195,6 +3242,11 @@ TEST_F(hmm, migrate_thp_mremap)
 	for (i = 0; i < ARRAY_SIZE(hmm_thp_moves); i++) {
 		const char *name = hmm_thp_moves[i].name;
 
+		if (variant->coherent && !hmm_thp_moves[i].aligned) {
+			TH_LOG("%s: left out: %s", name,
+			       HMM_BUG_COHERENT_THP_SPLIT_QUEUE);
+			continue;
+		}
 		buf = hmm_map_thp(0x3e0 + i, &size, &map, why, sizeof(why));
 		if (!buf)
 			SKIP(return, "%s", why);
@@ -3259,8 +3311,9 @@ TEST_F(hmm, migrate_thp_mremap)
  * HMM_DMIRROR_FLAG_FAIL_ALLOC makes the next large device-memory allocation
  * of a migration by this file fail, once. Migrating a THP to the device
  * then takes 4 KiB device pages; migrating a device THP back takes 4 KiB
- * system pages. Either way every page moves, with its data, and the next
- * migration has huge pages again. Unknown flags are refused.
+ * system pages (device-private memory only: HMM_BUG_COHERENT_THP_TO_SYS).
+ * Either way every page moves, with its data, and the next migration has
+ * huge pages again. Unknown flags are refused.
  */
 TEST_F(hmm, migrate_thp_fail_alloc)
 {
@@ -3308,6 +3361,11 @@ TEST_F(hmm, migrate_thp_fail_alloc)
 	munmap(map, 2 * size);
 
 	/* Back to system memory. */
+	if (variant->coherent) {
+		TH_LOG("from the device: left out: %s",
+		       HMM_BUG_COHERENT_THP_TO_SYS);
+		goto out;
+	}
 	buf = hmm_map_thp(0xfa2, &size, &map, why, sizeof(why));
 	if (!buf)
 		SKIP(return, "%s", why);
@@ -3326,10 +3384,10 @@ TEST_F(hmm, migrate_thp_fail_alloc)
 	ASSERT_EQ(-1, bad) TH_LOG("to system memory: page %ld is 0x%02x", bad,
 				  snap[bad]);
 	ASSERT_EQ(-1, hmm_check(buf, size, 0xfa2));
-
+	munmap(map, 2 * size);
+out:
 	free(snap);
 	free(mirror);
-	munmap(map, 2 * size);
 }
 
 /*
@@ -3387,9 +3445,11 @@ static int hmm_child_fork_cow(int device, char *addr, __u64 npages,
 
 /*
  * fork() of memory in device memory: parent and child share it copy on
- * write. Each writes its own data with the CPU, and migrates its copy to
- * the device through its own file, while the other one's copy is in device
- * memory too: each sees only its own data, from the CPU and the device.
+ * write, and a device of the child's reads the parent's data. The child
+ * writes its own data with the CPU and migrates its copy to the device
+ * through a file of its own; then the parent does the same with other data
+ * while the child's copy is in device memory. Each sees only its own data,
+ * from the CPU and from its device.
  */
 TEST_F(hmm, migrate_fork_cow)
 {
@@ -3477,9 +3537,10 @@ TEST_F(hmm, migrate_gup)
 	size_t part = HMM_GUP_NPAGES * ps;
 	unsigned char local = hmm_local(variant->coherent);
 	struct hmm_dmirror_cmd cmd;
-	unsigned char *snap, want;
 	char *buf, *mirror, *p;
 	struct gup_test gup;
+	unsigned char *snap;
+	unsigned char want;
 	unsigned int i;
 	int gup_fd;
 	long bad;
@@ -3532,8 +3593,9 @@ TEST_F(hmm, migrate_gup)
 /*
  * A long-term pin held across migrations (gup_test's PIN_LONGTERM_TEST_*):
  * taking it moves the pages out of device memory. While it is held the
- * pages cannot move to the device, which reads them in place, and the pin
- * holds the very pages the CPU writes. Once unpinned, they migrate.
+ * pages cannot move to the device (ENOENT: they stay in system memory),
+ * the device reads them in place, and the pin holds the very pages the CPU
+ * writes. Once unpinned, they migrate.
  */
 TEST_F(hmm, migrate_gup_longterm_held)
 {
@@ -3579,10 +3641,15 @@ TEST_F(hmm, migrate_gup_longterm_held)
 	ASSERT_EQ(0, ioctl(gup_fd, PIN_LONGTERM_TEST_READ, &uaddr));
 	ASSERT_EQ(-1, hmm_check(pinned, size, 0x91e));
 
+	ASSERT_EQ(-ENOENT, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf,
+				   mirror, npages, &cmd));
+	bad = hmm_snap_expect(self->fd, buf, npages, snap,
+			      HMM_DMIRROR_PROT_WRITE);
+	ASSERT_EQ(-1, bad) TH_LOG("pinned page %ld moved (0x%02x)", bad,
+				  snap[bad]);
 	memset(mirror, 0, size);
-	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
-			     npages, &cmd));
-	ASSERT_EQ(0ULL, cmd.cpages) TH_LOG("pinned pages moved");
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_READ, buf, mirror, npages,
+			     &cmd));
 	ASSERT_EQ(-1, hmm_check(mirror, size, 0x91e));
 	hmm_fill(buf, size, 0x91f);
 	ASSERT_EQ(0, ioctl(gup_fd, PIN_LONGTERM_TEST_READ, &uaddr));
@@ -3638,8 +3705,8 @@ static int hmm_uring_rw(struct io_uring *ring, bool write, int fd, void *buf,
 /*
  * A buffer in device memory registered as an io_uring fixed buffer: the
  * registration pins it long-term, which moves it to system memory, where
- * it stays while registered (migration leaves it, the device reads it in
- * place). IORING_OP_WRITE_FIXED writes its data to a file and
+ * it stays while registered (migration fails with ENOENT, the device reads
+ * it in place). IORING_OP_WRITE_FIXED writes its data to a file and
  * IORING_OP_READ_FIXED reads the file's into it, as the CPU and the device
  * see. Once unregistered, it migrates again.
  */
@@ -3687,10 +3754,15 @@ TEST_F(hmm, migrate_io_uring_fixed)
 			      HMM_DMIRROR_PROT_WRITE);
 	ASSERT_EQ(-1, bad) TH_LOG("registered: page %ld is 0x%02x", bad,
 				  snap[bad]);
+	ASSERT_EQ(-ENOENT, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf,
+				   mirror, npages, &cmd));
+	bad = hmm_snap_expect(self->fd, buf, npages, snap,
+			      HMM_DMIRROR_PROT_WRITE);
+	ASSERT_EQ(-1, bad) TH_LOG("registered page %ld moved (0x%02x)", bad,
+				  snap[bad]);
 	memset(mirror, 0, size);
-	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
-			     npages, &cmd));
-	ASSERT_EQ(0ULL, cmd.cpages) TH_LOG("registered pages moved");
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_READ, buf, mirror, npages,
+			     &cmd));
 	ASSERT_EQ(-1, hmm_check(mirror, size, 0x10b));
 
 	ASSERT_EQ((int)size, hmm_uring_rw(&ring, true, fd, buf, size));
