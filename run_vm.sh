@@ -449,6 +449,8 @@ lint() {
 	(cd "$REPO" && "$KSRC/scripts/checkpatch.pl" --strict --no-tree \
 		--quiet --show-types -f "${files[@]}") || rc=1
 	progress "lint: module build with W=1"
+	# From scratch, or an up-to-date module would hide its warnings.
+	rm -f "$CACHE/module/$BUILD_NAME"/*.o "$CACHE/module/$BUILD_NAME"/*.ko
 	build_module
 	if grep -E 'warning:|error:' "$MODDIR/build.log"; then
 		rc=1
