@@ -1217,6 +1217,20 @@ static void dmirror_pt_install(struct dmirror *dmirror,
 	}
 }
 
+/* A write fault got a page without write access: one of our own. */
+static bool dmirror_needs_cpu_write_fault(const struct hmm_range *range)
+{
+	unsigned long i, npages = (range->end - range->start) >> PAGE_SHIFT;
+
+	if (!(range->default_flags & HMM_PFN_REQ_WRITE) ||
+	    !range->dev_private_owner)
+		return false;
+	for (i = 0; i < npages; i++)
+		if (!(range->hmm_pfns[i] & HMM_PFN_WRITE))
+			return true;
+	return false;
+}
+
 /**
  * dmirror_fault_batch() - fault one batch of pages into the device
  * @dmirror: mirror
@@ -1252,6 +1266,18 @@ static int dmirror_fault_batch(struct dmirror *dmirror,
 			ret = hmm_range_fault_unlocked_timeout(range, timeout);
 		else
 			ret = dmirror_range_fault_locked(range);
+		if (!ret && dmirror_needs_cpu_write_fault(range)) {
+			/*
+			 * hmm_range_fault() hands out the device's own private
+			 * pages as they are, read-only ones too (after fork(),
+			 * say): have the CPU fault them, and break COW, by not
+			 * claiming them this once.
+			 */
+			range->dev_private_owner = NULL;
+			dmirror_leaf_put(leaf);
+			continue;
+		}
+		range->dev_private_owner = dmirror->mdevice;
 		if (ret && ret != -EBUSY) {
 			/* Do not keep a leaf only a failed fault wanted. */
 			mutex_lock(&dmirror->pt_lock);
@@ -1457,9 +1483,9 @@ static int dmirror_chunk_add(struct dmirror_device *mdevice)
 		goto release;
 	}
 
-	spin_lock(&mdevice->mem_lock);
+	spin_lock_irq(&mdevice->mem_lock);
 	list_add_tail(&chunk->node, &mdevice->chunks);
-	spin_unlock(&mdevice->mem_lock);
+	spin_unlock_irq(&mdevice->mem_lock);
 	mdevice->nr_chunks++;
 	return 0;
 
@@ -1504,7 +1530,7 @@ static unsigned long dmirror_devmem_take(struct dmirror_device *mdevice,
 	struct dmirror_chunk *chunk;
 	unsigned long pfn = 0;
 
-	spin_lock(&mdevice->mem_lock);
+	spin_lock_irq(&mdevice->mem_lock);
 	list_for_each_entry(chunk, &mdevice->chunks, node) {
 		pfn = dmirror_chunk_take(chunk, order);
 		if (pfn) {
@@ -1512,7 +1538,7 @@ static unsigned long dmirror_devmem_take(struct dmirror_device *mdevice,
 			break;
 		}
 	}
-	spin_unlock(&mdevice->mem_lock);
+	spin_unlock_irq(&mdevice->mem_lock);
 	return pfn;
 }
 
@@ -1677,18 +1703,22 @@ static unsigned long dmirror_copy_mapped(struct dmirror *dmirror,
 	lockdep_assert_held(&dmirror->pt_lock);
 	for (addr = start; addr < end; addr += PAGE_SIZE, bounce += PAGE_SIZE) {
 		u64 pte = dmirror_pte_get(dmirror, addr);
-		struct page *page;
+		struct page *mapped, *page;
 
 		if (!(pte & DMIRROR_PTE_VALID))
 			break;
 		if (write && !(pte & DMIRROR_PTE_WRITE))
 			break;
-		page = dmirror_page_storage(pfn_to_page(pte >>
-							DMIRROR_PTE_PFN_SHIFT));
-		if (write)
-			memcpy_to_page(page, 0, bounce, PAGE_SIZE);
-		else
+		mapped = pfn_to_page(pte >> DMIRROR_PTE_PFN_SHIFT);
+		page = dmirror_page_storage(mapped);
+		if (!write) {
 			memcpy_from_page(bounce, page, 0, PAGE_SIZE);
+			continue;
+		}
+		memcpy_to_page(page, 0, bounce, PAGE_SIZE);
+		/* As a CPU store would, so that reclaim keeps the data. */
+		if (page == mapped)
+			folio_mark_dirty(page_folio(page));
 	}
 	return (addr - start) >> PAGE_SHIFT;
 }
@@ -2185,6 +2215,20 @@ static void dmirror_copy_in(struct page *dpage, struct page *spage)
 		clear_highpage(to);
 }
 
+/* Give back the first @n destinations of a migration, before it runs. */
+static void dmirror_dst_undo(unsigned long *dst, unsigned long n)
+{
+	unsigned long k;
+
+	for (k = 0; k < n; k++) {
+		struct folio *folio = page_folio(migrate_pfn_to_page(dst[k]));
+
+		folio_unlock(folio);
+		folio_put(folio);
+		dst[k] = 0;
+	}
+}
+
 /**
  * dmirror_migrate_alloc_to_dev() - fill the destinations of a migration
  * @dmirror: mirror asking, for the one-shot allocation failure flag
@@ -2238,6 +2282,13 @@ static bool dmirror_migrate_alloc_to_dev(struct dmirror *dmirror,
 					   write;
 			dmirror_copy_in(&dfolio->page, spage ? spage + j : NULL);
 		}
+		/*
+		 * An empty large range is filled whole or not at all:
+		 * migrate_vma_pages() inserts every page of it and does not
+		 * expect an empty destination among them.
+		 */
+		if (j < nr && !spage && nr > 1)
+			dmirror_dst_undo(&args->dst[i], j);
 		out_of_memory |= j < nr;
 		i += nr;
 	}
@@ -2586,9 +2637,9 @@ static void dmirror_chunk_remove(struct dmirror_chunk *chunk)
 {
 	struct dmirror_device *mdevice = chunk->mdevice;
 
-	spin_lock(&mdevice->mem_lock);
+	spin_lock_irq(&mdevice->mem_lock);
 	list_del(&chunk->node);
-	spin_unlock(&mdevice->mem_lock);
+	spin_unlock_irq(&mdevice->mem_lock);
 	mdevice->nr_chunks--;
 	memunmap_pages(&chunk->pagemap);
 	if (chunk->res)
@@ -2616,17 +2667,17 @@ static int dmirror_devmem_release(struct dmirror_device *mdevice)
 	list_for_each_entry_safe(chunk, next, &mdevice->chunks, node) {
 		bool empty;
 
-		spin_lock(&mdevice->mem_lock);
+		spin_lock_irq(&mdevice->mem_lock);
 		chunk->evicting = true;
-		spin_unlock(&mdevice->mem_lock);
+		spin_unlock_irq(&mdevice->mem_lock);
 
 		dmirror_chunk_evict(chunk);
 
-		spin_lock(&mdevice->mem_lock);
+		spin_lock_irq(&mdevice->mem_lock);
 		empty = !chunk->nr_used;
 		if (!empty)
 			chunk->evicting = false;
-		spin_unlock(&mdevice->mem_lock);
+		spin_unlock_irq(&mdevice->mem_lock);
 		if (empty)
 			dmirror_chunk_remove(chunk);
 		else

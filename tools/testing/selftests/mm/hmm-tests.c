@@ -3506,6 +3506,57 @@ TEST_F(hmm, migrate_fork_cow)
 	munmap(buf, size);
 }
 
+/*
+ * fork() makes the parent's device pages read-only (copy on write). A
+ * device WRITE to them must then break COW through the CPU, not loop on the
+ * read-only pages the device is handed as its own, and the child's copy
+ * stays as it was.
+ */
+TEST_F(hmm, migrate_fork_device_write)
+{
+	const __u64 npages = HMM_NPAGES;
+	size_t size = npages * self->page_size;
+	struct hmm_dmirror_cmd cmd;
+	char *buf, *data;
+	int pipefd[2], status;
+	pid_t pid;
+	char go;
+
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	ASSERT_NE(NULL, buf);
+	data = malloc(size);
+	ASSERT_NE(NULL, data);
+	hmm_fill(buf, size, 0xf0f0);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, data,
+			     npages, &cmd));
+	ASSERT_EQ(0, pipe(pipefd));
+
+	pid = fork();
+	ASSERT_LE(0, pid);
+	if (!pid) {
+		/* Wait for the parent's device write, then check our copy. */
+		close(pipefd[1]);
+		if (read(pipefd[0], &go, 1) != 1)
+			_exit(2);
+		_exit(hmm_check(buf, size, 0xf0f0) == -1 ? 0 : 1);
+	}
+	close(pipefd[0]);
+
+	hmm_fill(data, size, 0x0f0f);
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_WRITE, buf, data, npages,
+			     &cmd));
+	ASSERT_EQ(npages, cmd.cpages);
+	ASSERT_EQ(-1, hmm_check(buf, size, 0x0f0f));
+	ASSERT_EQ(1, write(pipefd[1], "g", 1));
+	ASSERT_EQ(pid, hmm_waitpid(pid, &status));
+	ASSERT_TRUE(WIFEXITED(status));
+	ASSERT_EQ(0, WEXITSTATUS(status));
+
+	close(pipefd[1]);
+	free(data);
+	munmap(buf, size);
+}
+
 /* Ways gup_test takes references on user pages. */
 static const struct {
 	const char	*name;
