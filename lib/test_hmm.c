@@ -2194,7 +2194,15 @@ static int dmirror_snapshot(struct dmirror *dmirror,
  * Migration
  */
 
-/* Whether the device takes migrations of large folios as large folios. */
+/*
+ * Whether the device takes migrations of large folios as large folios.
+ * Device-coherent THPs run into two 7.3 core bugs that the test suite
+ * documents and steps around (HMM_BUG_COHERENT_THP_* in hmm-tests.c):
+ * migrate_vma_setup() does not collect a PMD-mapped coherent folio for
+ * migration back, and a partly unmapped one is freed while still on the
+ * deferred split queue. They are kept large so that the suite keeps
+ * exercising those paths.
+ */
 static bool dmirror_want_large(unsigned long src)
 {
 	return thp_migration_supported() && (src & MIGRATE_PFN_COMPOUND);

@@ -2471,6 +2471,49 @@ TEST_F(hmm, migrate_round_trips)
 	munmap(buf, size);
 }
 
+/* Device memory of each device: module parameter device_memory_mb. */
+#define HMM_DEVICE_MEMORY	(256UL << 20)
+
+/*
+ * Asking for more than the device has moves what fits, reports -ENOMEM and
+ * loses no data: every page reads back as written, from wherever it ended.
+ */
+TEST_F(hmm, migrate_out_of_memory)
+{
+	size_t size = HMM_DEVICE_MEMORY + (4UL << 20);
+	const __u64 npages = size / self->page_size;
+	unsigned char local = hmm_local(variant->coherent);
+	struct hmm_dmirror_cmd cmd;
+	unsigned char *snap;
+	char *map, *buf;
+	__u64 i, on_device = 0;
+
+	map = mmap(NULL, size + (2UL << 20), PROT_READ | PROT_WRITE,
+		   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	ASSERT_NE(MAP_FAILED, map);
+	buf = (char *)(((uintptr_t)map + (2UL << 20) - 1) & ~((2UL << 20) - 1));
+	madvise(buf, size, MADV_HUGEPAGE);	/* faster; fails without THP */
+	snap = malloc(npages);
+	ASSERT_NE(NULL, snap);
+	hmm_fill(buf, size, 0x00e);
+
+	ASSERT_EQ(-ENOMEM, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf,
+				   NULL, npages, &cmd));
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_SNAPSHOT, buf, snap, npages,
+			     &cmd));
+	for (i = 0; i < npages; i++)
+		on_device += (snap[i] & ~(HMM_DMIRROR_PROT_WRITE |
+					  HMM_DMIRROR_PROT_PMD)) == local;
+	TH_LOG("%llu of %llu pages on the device", on_device, npages);
+	ASSERT_LT(0, on_device);
+	ASSERT_GT(npages, on_device);
+	ASSERT_EQ(-1, hmm_check(buf, size, 0x00e));
+
+	ASSERT_EQ(0, hmm_ioctl(self->fd, HMM_DMIRROR_RELEASE, NULL));
+	free(snap);
+	munmap(map, size + (2UL << 20));
+}
+
 /*
  * HMM_DMIRROR_RELEASE evicts the device's memory from under a process that
  * uses it: its pages are back in system memory with their data, and the
