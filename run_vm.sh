@@ -648,7 +648,8 @@ boot() {
 		-serial "file:$CONSOLE_LOG" -serial stdio \
 		-append "console=ttyS0 panic=-1 loglevel=7 \
 memmap=$SPM_SIZE\$$SPM_ADDR0 memmap=$SPM_SIZE\$$SPM_ADDR1" \
-		</dev/null 2>"$rundir/qemu.log" | tr -d '\r' | tee "$RESULTS_LOG"
+		</dev/null 2>"$rundir/qemu.log" |
+		sed -u 's/\r$//' | tee "$RESULTS_LOG"
 	rc=${PIPESTATUS[0]}
 	set -e
 	QEMU_RC=$rc
