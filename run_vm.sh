@@ -286,7 +286,7 @@ fetch() {
 		[ -f "$opt_src/Makefile" ] && [ -d "$opt_src/mm" ] ||
 			die 125 "$opt_src is not a kernel tree"
 		KSRC=$opt_src
-		KSRC_ID="tree $opt_src $(source_tree_state "$opt_src")"
+		KSRC_ID="tree $opt_src at $(source_tree_state "$opt_src")"
 		BUILD_NAME=$(basename "$opt_src")-$(echo "$opt_src" | sha1sum | cut -c1-8)
 	else
 		fetch_debian_source
@@ -305,7 +305,8 @@ source_tree_state() {
 		printf '%s+%s' "$(git -C "$dir" rev-parse HEAD)" \
 			"$(git -C "$dir" diff HEAD | sha1sum | cut -c1-12)"
 	else
-		echo "untracked-$(date +%s%N)"
+		# Never equal to a stamp: kbuild decides what to rebuild.
+		echo "not-git-$(date +%s%N)"
 	fi
 }
 
