@@ -301,7 +301,7 @@ fetch() {
 # nothing (always let kbuild decide) otherwise.
 source_tree_state() {
 	local dir=$1
-	if git -C "$dir" rev-parse --git-dir >/dev/null 2>&1; then
+	if git -C "$dir" rev-parse -q --verify HEAD >/dev/null 2>&1; then
 		printf '%s+%s' "$(git -C "$dir" rev-parse HEAD)" \
 			"$(git -C "$dir" diff HEAD | sha1sum | cut -c1-12)"
 	else
