@@ -2138,6 +2138,66 @@ static int dmirror_snapshot_batch(struct dmirror_watch *snap,
 }
 
 /**
+ * dmirror_snapshot_walk() - snapshot a range batch by batch
+ * @dmirror: mirror
+ * @range: range
+ * @consume: called with the states of each batch, in order; a nonzero
+ *	return ends the walk with that value
+ * @arg: passed to @consume
+ *
+ * A snapshot maps nothing in the device, so it tracks collisions with a
+ * notifier of its own rather than the mirror's. @consume runs without
+ * pt_lock and may touch user memory.
+ *
+ * Return: 0, the first nonzero @consume return, or an error of
+ * dmirror_snapshot_batch().
+ */
+static int dmirror_snapshot_walk(struct dmirror *dmirror,
+				 const struct dmirror_range *range,
+				 int (*consume)(void *arg, const u8 *states,
+						unsigned long n),
+				 void *arg)
+{
+	unsigned long pfns[DMIRROR_BATCH_PAGES];
+	u8 states[DMIRROR_BATCH_PAGES];
+	struct hmm_range hrange = {
+		.hmm_pfns = pfns,
+		.dev_private_owner = dmirror->mdevice,
+	};
+	struct dmirror_watch watch;
+	unsigned long addr;
+	int ret;
+
+	ret = dmirror_watch_insert(&watch, dmirror, range->start, range->end);
+	if (ret)
+		return ret;
+	hrange.notifier = &watch.mni;
+	for (addr = range->start; !ret && addr < range->end;
+	     addr = hrange.end) {
+		hrange.start = addr;
+		hrange.end = min(range->end,
+				 addr + DMIRROR_BATCH_PAGES * PAGE_SIZE);
+		ret = dmirror_snapshot_batch(&watch, &hrange, states);
+		if (!ret)
+			ret = consume(arg, states,
+				      (hrange.end - addr) >> PAGE_SHIFT);
+	}
+	mmu_interval_notifier_remove(&watch.mni);
+	return ret;
+}
+
+/* Copies the states of a batch to the user, for dmirror_snapshot(). */
+static int dmirror_snapshot_copy(void *arg, const u8 *states, unsigned long n)
+{
+	struct hmm_dmirror_cmd *cmd = arg;
+
+	if (copy_to_user(u64_to_user_ptr(cmd->ptr + cmd->cpages), states, n))
+		return -EFAULT;
+	cmd->cpages += n;
+	return 0;
+}
+
+/**
  * dmirror_snapshot() - HMM_DMIRROR_SNAPSHOT
  * @dmirror: mirror
  * @cmd: the request; @cmd->ptr receives one state byte per page
@@ -2149,45 +2209,8 @@ static int dmirror_snapshot(struct dmirror *dmirror,
 			    struct hmm_dmirror_cmd *cmd,
 			    const struct dmirror_range *range)
 {
-	u8 __user *uptr = u64_to_user_ptr(cmd->ptr);
-	struct dmirror_watch snap;
-	unsigned long pfns[DMIRROR_BATCH_PAGES];
-	u8 states[DMIRROR_BATCH_PAGES];
-	struct hmm_range hrange = {
-		.notifier = &snap.mni,
-		.hmm_pfns = pfns,
-		.dev_private_owner = dmirror->mdevice,
-	};
-	unsigned long addr;
-	int ret;
-
-	/*
-	 * A snapshot maps nothing in the device, so it tracks collisions with
-	 * a notifier of its own rather than the mirror's.
-	 */
-	ret = dmirror_watch_insert(&snap, dmirror, range->start, range->end);
-	if (ret)
-		return ret;
-
-	for (addr = range->start; addr < range->end; addr = hrange.end) {
-		unsigned long n;
-
-		hrange.start = addr;
-		hrange.end = min(range->end,
-				 addr + DMIRROR_BATCH_PAGES * PAGE_SIZE);
-		n = (hrange.end - hrange.start) >> PAGE_SHIFT;
-		ret = dmirror_snapshot_batch(&snap, &hrange, states);
-		if (ret)
-			break;
-		if (copy_to_user(uptr, states, n)) {
-			ret = -EFAULT;
-			break;
-		}
-		uptr += n;
-		cmd->cpages += n;
-	}
-	mmu_interval_notifier_remove(&snap.mni);
-	return ret;
+	return dmirror_snapshot_walk(dmirror, range, dmirror_snapshot_copy,
+				     cmd);
 }
 
 /* ------------------------------------------------------------------------
@@ -2429,6 +2452,24 @@ static long dmirror_migrate_batch(struct dmirror *dmirror,
 	return ret;
 }
 
+/* Fails a batch with a page outside the device's memory. */
+static int dmirror_states_local(void *arg, const u8 *states, unsigned long n)
+{
+	const u8 where_mask = (u8)~(HMM_DMIRROR_PROT_READ |
+				    HMM_DMIRROR_PROT_WRITE |
+				    HMM_DMIRROR_PROT_PMD | HMM_DMIRROR_PROT_PUD);
+	unsigned long i;
+
+	for (i = 0; i < n; i++) {
+		u8 where = states[i] & where_mask;
+
+		if (where != HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL &&
+		    where != HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL)
+			return -ENOENT;
+	}
+	return 0;
+}
+
 /**
  * dmirror_check_local() - is every page of a range in the device's memory?
  * @dmirror: mirror
@@ -2442,40 +2483,8 @@ static long dmirror_migrate_batch(struct dmirror *dmirror,
 static int dmirror_check_local(struct dmirror *dmirror,
 			       const struct dmirror_range *range)
 {
-	const u8 where_mask = (u8)~(HMM_DMIRROR_PROT_READ |
-				    HMM_DMIRROR_PROT_WRITE |
-				    HMM_DMIRROR_PROT_PMD | HMM_DMIRROR_PROT_PUD);
-	unsigned long pfns[DMIRROR_BATCH_PAGES];
-	u8 states[DMIRROR_BATCH_PAGES];
-	struct hmm_range hrange = {
-		.hmm_pfns = pfns,
-		.dev_private_owner = dmirror->mdevice,
-	};
-	struct dmirror_watch watch;
-	unsigned long addr, i;
-	int ret;
-
-	ret = dmirror_watch_insert(&watch, dmirror, range->start, range->end);
-	if (ret)
-		return ret;
-	hrange.notifier = &watch.mni;
-	for (addr = range->start; !ret && addr < range->end;
-	     addr = hrange.end) {
-		hrange.start = addr;
-		hrange.end = min(range->end,
-				 addr + DMIRROR_BATCH_PAGES * PAGE_SIZE);
-		ret = dmirror_snapshot_batch(&watch, &hrange, states);
-		for (i = 0; !ret && i < (hrange.end - addr) >> PAGE_SHIFT;
-		     i++) {
-			u8 where = states[i] & where_mask;
-
-			if (where != HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL &&
-			    where != HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL)
-				ret = -ENOENT;
-		}
-	}
-	mmu_interval_notifier_remove(&watch.mni);
-	return ret;
+	return dmirror_snapshot_walk(dmirror, range, dmirror_states_local,
+				     NULL);
 }
 
 /**
