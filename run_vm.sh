@@ -166,6 +166,7 @@ gzip gzip
 xz xz-utils
 depmod kmod
 perl perl
+rsync rsync
 /usr/include/libelf.h libelf-dev
 /usr/include/openssl/ssl.h libssl-dev
 /usr/lib/x86_64-linux-gnu/libc.a libc6-dev
@@ -192,11 +193,12 @@ install_deps() {
 	[ -n "${missing// /}" ] || return 0
 	if [ "$(id -u)" -ne 0 ]; then
 		die 125 "missing packages; install them with:
-  sudo apt-get install -y $missing"
+  sudo apt-get install -y --no-install-recommends $missing"
 	fi
 	progress "deps: installing $missing"
 	DEBIAN_FRONTEND=noninteractive apt-get update -q >"$CACHE/apt-install.log" 2>&1 &&
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+		--no-install-recommends $missing \
 		>>"$CACHE/apt-install.log" 2>&1 ||
 		die 125 "apt-get install $missing failed; see $CACHE/apt-install.log"
 }
