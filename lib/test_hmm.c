@@ -126,7 +126,9 @@
 #include <linux/bitmap.h>
 #include <linux/cdev.h>
 #include <linux/completion.h>
+#include <linux/debugfs.h>
 #include <linux/device.h>
+#include <linux/fault-inject.h>
 #include <linux/fs.h>
 #include <linux/highmem.h>
 #include <linux/hmm.h>
@@ -164,8 +166,13 @@
 /* Pages one device fault, copy or snapshot step handles at a time. */
 #define DMIRROR_BATCH_PAGES		64UL
 
-/* How long a fault keeps retrying while invalidations collide with it. */
+/*
+ * How long a fault keeps retrying while invalidations collide with it, and
+ * how many times at least, so that a slow host gets as many tries as a
+ * fast one.
+ */
 #define DMIRROR_FAULT_TIMEOUT_MS	HMM_RANGE_DEFAULT_TIMEOUT
+#define DMIRROR_RETRY_MIN		16
 
 #define DMIRROR_MAX_LEAF_SIZE		SZ_1G
 #define DMIRROR_MAX_FLUSH_LATENCY_NS	(100 * NSEC_PER_MSEC)
@@ -173,6 +180,9 @@
 /* Device memory: private chunks are added on demand, up to the limit. */
 #define DMIRROR_CHUNK_SIZE		SZ_64M
 #define DMIRROR_COHERENT_SIZE		SZ_256M
+
+/* The largest mmap() of a device: its pages are allocated up front. */
+#define DMIRROR_MMAP_MAX_SIZE		SZ_64M
 
 /* Finish objects per device: invalidations one device can overlap. */
 #define DMIRROR_FLUSH_POOL		32
@@ -224,18 +234,72 @@ module_param(device_memory_mb, uint, 0444);
 MODULE_PARM_DESC(device_memory_mb,
 		 "Device-private memory of each device, in MiB, a multiple of 64 (default 256)");
 
+/*
+ * Fault injection: with CONFIG_FAULT_INJECTION the driver's allocations, and
+ * the kernel calls that allocate for it, fail on the fail_test_hmm attribute
+ * (debugfs, fault-injection.rst), which counts what it injected in
+ * "injected". The suite runs under it with run_vm.sh --fault-inject: requests
+ * fail with clean errnos, and nothing may leak, splat or hang.
+ */
+#ifdef CONFIG_FAULT_INJECTION
+static DECLARE_FAULT_ATTR(dmirror_fail_attr);
+static atomic_t dmirror_injected = ATOMIC_INIT(0);
+static struct dentry *dmirror_fail_dir;
+
+/* Should this allocation fail? Does not sleep. */
+static bool dmirror_inject_failure(void)
+{
+	if (!should_fail(&dmirror_fail_attr, 1))
+		return false;
+	atomic_inc(&dmirror_injected);
+	return true;
+}
+
+static void dmirror_fail_init(void)
+{
+	struct dentry *dir;
+
+	dir = fault_create_debugfs_attr("fail_test_hmm", NULL,
+					&dmirror_fail_attr);
+	if (IS_ERR(dir))
+		return;
+	debugfs_create_atomic_t("injected", 0400, dir, &dmirror_injected);
+	dmirror_fail_dir = dir;
+}
+
+static void dmirror_fail_exit(void)
+{
+	debugfs_remove_recursive(dmirror_fail_dir);
+}
+#else
+static bool dmirror_inject_failure(void)
+{
+	return false;
+}
+
+static void dmirror_fail_init(void)
+{
+}
+
+static void dmirror_fail_exit(void)
+{
+}
+#endif
+
 /**
  * struct dmirror_flush - a TLB flush of the emulated device
  * @finish: handed to the core by a two-pass invalidate_start()
  * @mdevice: device whose engine runs the flush
  * @timer: stands in for the engine; expires when the flush completes
  * @done: completed when the flush is
+ * @log: record of the invalidation the flush is for
  */
 struct dmirror_flush {
 	struct mmu_interval_notifier_finish finish;
 	struct dmirror_device *mdevice;
 	struct hrtimer timer;
 	struct completion done;
+	u64 log;
 };
 
 /**
@@ -250,6 +314,8 @@ struct dmirror_flush {
  * @notifiers_live: see &struct hmm_dmirror_stats
  * @notifier_inserts: see &struct hmm_dmirror_stats
  * @notifier_removals: see &struct hmm_dmirror_stats
+ * @fault_retries: see &struct hmm_dmirror_stats
+ * @exclusive_retries: see &struct hmm_dmirror_stats
  */
 struct dmirror_device_stats {
 	atomic64_t faults;
@@ -262,6 +328,8 @@ struct dmirror_device_stats {
 	atomic64_t notifiers_live;
 	atomic64_t notifier_inserts;
 	atomic64_t notifier_removals;
+	atomic64_t fault_retries;
+	atomic64_t exclusive_retries;
 };
 
 /**
@@ -400,6 +468,203 @@ struct dmirror_range {
 };
 
 /* ------------------------------------------------------------------------
+ * The record of invalidations
+ */
+
+/* How far back a callback looks for the record of its invalidation. */
+#define DMIRROR_LOG_LOOKUP		32
+
+/**
+ * struct dmirror_log_entry - what the driver keeps of one invalidation
+ * @range: the core's description of it, on the invalidating task's stack
+ * @mm: the address space invalidated; compared, never dereferenced
+ * @task: the invalidating task; compared, never dereferenced
+ * @task_start: when that task started, which tells it from a later task
+ *	at the same address
+ * @cur_seq: the notifier sequence it publishes
+ * @waited: one of its flushes has been waited for
+ * @rec: what %HMM_DMIRROR_INVALIDATIONS reports
+ */
+struct dmirror_log_entry {
+	const struct mmu_notifier_range *range;
+	const struct mm_struct *mm;
+	const struct task_struct *task;
+	u64 task_start;
+	unsigned long cur_seq;
+	bool waited;
+	struct hmm_dmirror_inval_record rec;
+};
+
+/**
+ * enum dmirror_log_note - what a callback did for an invalidation
+ * @DMIRROR_LOG_REFUSED: refused a non-blockable invalidation
+ * @DMIRROR_LOG_SYNC: submitted a flush and waited for it at once
+ * @DMIRROR_LOG_FALLBACK: the same, for want of a finish object
+ * @DMIRROR_LOG_START: submitted a flush and returned a finish object
+ * @DMIRROR_LOG_FINISH: a finish, about to wait for its flush
+ */
+enum dmirror_log_note {
+	DMIRROR_LOG_REFUSED,
+	DMIRROR_LOG_SYNC,
+	DMIRROR_LOG_FALLBACK,
+	DMIRROR_LOG_START,
+	DMIRROR_LOG_FINISH,
+};
+
+/* The last HMM_DMIRROR_INVAL_RECORDS invalidations, by seq modulo size. */
+static DEFINE_SPINLOCK(dmirror_log_lock);
+static u64 dmirror_log_last;
+static struct dmirror_log_entry dmirror_log[HMM_DMIRROR_INVAL_RECORDS];
+
+/* The entry of record @seq, NULL if it was overwritten or never was. */
+static struct dmirror_log_entry *dmirror_log_entry(u64 seq)
+{
+	struct dmirror_log_entry *e =
+		&dmirror_log[seq % HMM_DMIRROR_INVAL_RECORDS];
+
+	lockdep_assert_held(&dmirror_log_lock);
+	return seq && e->rec.seq == seq ? e : NULL;
+}
+
+static bool dmirror_log_matches(const struct dmirror_log_entry *e,
+				const struct mmu_notifier_range *range,
+				unsigned long cur_seq)
+{
+	return e->range == range && e->mm == range->mm &&
+	       e->task == current && e->task_start == current->start_time &&
+	       e->cur_seq == cur_seq && e->rec.start == range->start &&
+	       e->rec.end == range->end && e->rec.event == range->event;
+}
+
+/**
+ * dmirror_log_callback() - note a notifier callback of an invalidation
+ * @range: the invalidation
+ * @cur_seq: the sequence it publishes
+ *
+ * The callbacks of one invalidation, on every device and notifier, share one
+ * record. The core calls them all from the invalidating task, with the
+ * same @range, which lives on that task's stack, and @cur_seq, which
+ * changes once no invalidation of the mm is left running. A later task may
+ * reuse the stack, the mm's address and its sequence numbers (the test
+ * processes of a suite do the same things in the same order), so the task
+ * and its start time are part of the identity too. The record is among the
+ * newest %DMIRROR_LOG_LOOKUP, or a new one is made.
+ *
+ * Does not sleep.
+ *
+ * Return: the record's seq, for dmirror_log_note().
+ */
+static u64 dmirror_log_callback(const struct mmu_notifier_range *range,
+				unsigned long cur_seq)
+{
+	struct dmirror_log_entry *e = NULL;
+	u64 seq;
+
+	spin_lock(&dmirror_log_lock);
+	for (seq = dmirror_log_last;
+	     seq && seq + DMIRROR_LOG_LOOKUP > dmirror_log_last; seq--) {
+		e = dmirror_log_entry(seq);
+		if (e && dmirror_log_matches(e, range, cur_seq))
+			break;
+		e = NULL;
+	}
+	if (!e) {
+		seq = ++dmirror_log_last;
+		e = &dmirror_log[seq % HMM_DMIRROR_INVAL_RECORDS];
+		*e = (struct dmirror_log_entry) {
+			.range = range,
+			.mm = range->mm,
+			.task = current,
+			.task_start = current->start_time,
+			.cur_seq = cur_seq,
+			.rec = {
+				.seq = seq,
+				.start = range->start,
+				.end = range->end,
+				.event = range->event,
+			},
+		};
+	}
+	e->rec.callbacks++;
+	spin_unlock(&dmirror_log_lock);
+	return seq;
+}
+
+/**
+ * dmirror_log_note() - note what a callback did for an invalidation
+ * @seq: the invalidation's record, from dmirror_log_callback()
+ * @note: what it did
+ *
+ * A flush counts as overlapped when no flush of the invalidation was waited
+ * for before it was submitted. Does not sleep.
+ */
+static void dmirror_log_note(u64 seq, enum dmirror_log_note note)
+{
+	struct dmirror_log_entry *e;
+
+	spin_lock(&dmirror_log_lock);
+	e = dmirror_log_entry(seq);
+	if (!e)
+		goto unlock;
+	switch (note) {
+	case DMIRROR_LOG_REFUSED:
+		e->rec.refused++;
+		break;
+	case DMIRROR_LOG_FALLBACK:
+		e->rec.sync_fallbacks++;
+		fallthrough;
+	case DMIRROR_LOG_SYNC:
+		e->rec.flushes++;
+		e->rec.overlapped += !e->waited;
+		e->waited = true;
+		break;
+	case DMIRROR_LOG_START:
+		e->rec.flushes++;
+		e->rec.overlapped += !e->waited;
+		e->rec.two_pass_starts++;
+		break;
+	case DMIRROR_LOG_FINISH:
+		e->rec.two_pass_finishes++;
+		e->waited = true;
+		break;
+	}
+unlock:
+	spin_unlock(&dmirror_log_lock);
+}
+
+/**
+ * dmirror_log_read() - the records of a mirror's mm within a range
+ * @mm: the mirror's mm
+ * @range: the range, or NULL for none
+ * @since: only records after this seq
+ * @recs: output, room for %HMM_DMIRROR_INVAL_RECORDS
+ * @last: output, the seq of the newest record
+ *
+ * Return: the number of records written to @recs, oldest first.
+ */
+static u32 dmirror_log_read(const struct mm_struct *mm,
+			    const struct dmirror_range *range, u64 since,
+			    struct hmm_dmirror_inval_record *recs, u64 *last)
+{
+	struct dmirror_log_entry *e;
+	u32 n = 0;
+	u64 seq;
+
+	spin_lock(&dmirror_log_lock);
+	*last = dmirror_log_last;
+	seq = *last > HMM_DMIRROR_INVAL_RECORDS ?
+	      *last - HMM_DMIRROR_INVAL_RECORDS : 0;
+	for (seq = max(seq, since) + 1; range && seq <= *last; seq++) {
+		e = dmirror_log_entry(seq);
+		if (e && e->mm == mm && e->rec.start < range->end &&
+		    e->rec.end > range->start)
+			recs[n++] = e->rec;
+	}
+	spin_unlock(&dmirror_log_lock);
+	return n;
+}
+
+/* ------------------------------------------------------------------------
  * The emulated TLB-invalidation engine
  */
 
@@ -477,12 +742,18 @@ static void dmirror_flush_wait(struct dmirror_flush *flush)
  * dmirror_flush_sync() - flush and wait, without a finish object
  * @mdevice: device
  * @latency: how long the flush takes, in ns
+ * @log: record of the invalidation
+ * @note: %DMIRROR_LOG_SYNC, or %DMIRROR_LOG_FALLBACK for a two-pass device
+ *	without a finish object
  *
  * Sleeps unless @latency is 0.
  */
-static void dmirror_flush_sync(struct dmirror_device *mdevice, u64 latency)
+static void dmirror_flush_sync(struct dmirror_device *mdevice, u64 latency,
+			       u64 log, enum dmirror_log_note note)
 {
 	struct dmirror_flush flush;
+
+	dmirror_log_note(log, note);
 
 	flush.mdevice = mdevice;
 	hrtimer_setup_on_stack(&flush.timer, dmirror_flush_timer_fn,
@@ -703,6 +974,8 @@ static int dmirror_notifier_insert(struct dmirror *dmirror,
 
 	lockdep_assert_held(&dmirror->leaf_lock);
 	dn->dmirror = dmirror;
+	if (dmirror_inject_failure())
+		return -ENOMEM;
 	ret = mmu_interval_notifier_insert(&dn->mni, dmirror->mm, start, length,
 					   dmirror_notifier_ops(dmirror));
 	if (ret)
@@ -775,8 +1048,12 @@ static void dmirror_leaf_put(struct dmirror_leaf *leaf)
  * @dmirror: mirror
  * @addr: address
  *
- * In the per-leaf model the leaf's notifier is inserted before the leaf is
- * published, so that a published leaf is always covered.
+ * Everything that can fail comes first: the leaf and its slot in the table.
+ * In the per-leaf model the leaf's notifier is inserted next, and only then
+ * is the leaf published, so that a published leaf is always covered. Once
+ * the notifier is in, its callbacks may queue the leaf for reaping at any
+ * time, so from there on the leaf must be published: a leaf freed on an
+ * error path after that would be left on the reap list.
  *
  * Context: leaf_lock held, the mirror bound.
  * Return: the leaf with a reference for the caller, or an ERR_PTR().
@@ -785,10 +1062,15 @@ static struct dmirror_leaf *dmirror_leaf_create(struct dmirror *dmirror,
 						unsigned long addr)
 {
 	unsigned long size = dmirror_leaf_size(dmirror);
+	unsigned long idx = dmirror_leaf_index(dmirror, addr);
 	struct dmirror_leaf *leaf;
 	int ret;
 
 	lockdep_assert_held(&dmirror->leaf_lock);
+	if (WARN_ON_ONCE(!dmirror_is_bound(dmirror)))
+		return ERR_PTR(-EINVAL);
+	if (dmirror_inject_failure())
+		return ERR_PTR(-ENOMEM);
 	leaf = kvzalloc(struct_size(leaf, pte, size >> PAGE_SHIFT),
 			GFP_KERNEL);
 	if (!leaf)
@@ -797,22 +1079,24 @@ static struct dmirror_leaf *dmirror_leaf_create(struct dmirror *dmirror,
 	leaf->start = ALIGN_DOWN(addr, size);
 	leaf->notifier.leaf = leaf;
 
+	/* Lookups see a reserved slot as empty. */
+	ret = dmirror_inject_failure() ? -ENOMEM :
+	      xa_reserve(&dmirror->leaves, idx, GFP_KERNEL);
+	if (ret)
+		goto free;
 	if (dmirror->model == HMM_DMIRROR_NOTIFIER_PER_LEAF) {
 		ret = dmirror_notifier_insert(dmirror, &leaf->notifier,
 					      leaf->start, size);
 		if (ret)
-			goto free;
+			goto release;
 	}
-	ret = xa_insert(&dmirror->leaves, dmirror_leaf_index(dmirror, addr),
-			leaf, GFP_KERNEL);
-	if (ret)
-		goto remove;
+	/* Storing into a reserved slot does not allocate: it cannot fail. */
+	xa_store(&dmirror->leaves, idx, leaf, GFP_KERNEL);
 	kref_get(&leaf->ref);
 	return leaf;
 
-remove:
-	if (dmirror->model == HMM_DMIRROR_NOTIFIER_PER_LEAF)
-		dmirror_notifier_remove(dmirror, &leaf->notifier);
+release:
+	xa_release(&dmirror->leaves, idx);
 free:
 	kvfree(leaf);
 	return ERR_PTR(ret);
@@ -890,7 +1174,7 @@ static void dmirror_leaf_queue_reap(struct dmirror *dmirror,
 		return;
 	leaf->queued = true;
 	llist_add(&leaf->reap_node, &dmirror->reap_list);
-	queue_work(system_wq, &dmirror->reap_work);
+	queue_work(system_dfl_wq, &dmirror->reap_work);
 }
 
 /**
@@ -981,6 +1265,7 @@ static bool dmirror_event_is_own(struct dmirror *dmirror,
  * @dn: notifier called
  * @range: what changes, and why
  * @cur_seq: sequence to publish
+ * @log: output, the record of the invalidation
  * @cleared: output, the number of PTEs cleared
  * @latency: output, the flush latency this invalidation must use: the
  *	decision to go ahead without blocking rests on it
@@ -994,7 +1279,7 @@ static bool dmirror_event_is_own(struct dmirror *dmirror,
  */
 static bool dmirror_invalidate_begin(struct dmirror_notifier *dn,
 				     const struct mmu_notifier_range *range,
-				     unsigned long cur_seq,
+				     unsigned long cur_seq, u64 *log,
 				     unsigned long *cleared, u64 *latency)
 {
 	struct dmirror *dmirror = dn->dmirror;
@@ -1002,20 +1287,18 @@ static bool dmirror_invalidate_begin(struct dmirror_notifier *dn,
 	bool blockable = mmu_notifier_range_blockable(range);
 	unsigned long start = range->start, end = range->end;
 
-	if (blockable) {
+	*log = dmirror_log_callback(range, cur_seq);
+	if (blockable)
 		mutex_lock(&dmirror->pt_lock);
-	} else if (!mutex_trylock(&dmirror->pt_lock)) {
-		atomic64_inc(&mdevice->stats.nonblock_refused);
-		return false;
-	}
+	else if (!mutex_trylock(&dmirror->pt_lock))
+		goto refuse;
 
 	*latency = READ_ONCE(mdevice->settings.flush_latency_ns);
 	if (!blockable && *latency &&
 	    (dn->leaf ? dmirror_leaf_clear(dmirror, dn->leaf, start, end, true) :
 			dmirror_pt_clear(dmirror, start, end, true))) {
 		mutex_unlock(&dmirror->pt_lock);
-		atomic64_inc(&mdevice->stats.nonblock_refused);
-		return false;
+		goto refuse;
 	}
 
 	mmu_interval_set_seq(&dn->mni, cur_seq);
@@ -1031,6 +1314,11 @@ static bool dmirror_invalidate_begin(struct dmirror_notifier *dn,
 	if (range->event < HMM_DMIRROR_NR_EVENTS)
 		atomic64_inc(&mdevice->stats.invalidations[range->event]);
 	return true;
+
+refuse:
+	atomic64_inc(&mdevice->stats.nonblock_refused);
+	dmirror_log_note(*log, DMIRROR_LOG_REFUSED);
+	return false;
 }
 
 /**
@@ -1050,14 +1338,16 @@ static bool dmirror_invalidate(struct mmu_interval_notifier *mni,
 {
 	struct dmirror_notifier *dn = to_dmirror_notifier(mni);
 	unsigned long cleared;
-	u64 latency;
+	u64 latency, log;
 
 	if (dmirror_event_is_own(dn->dmirror, range))
 		return true;
-	if (!dmirror_invalidate_begin(dn, range, cur_seq, &cleared, &latency))
+	if (!dmirror_invalidate_begin(dn, range, cur_seq, &log, &cleared,
+				      &latency))
 		return false;
 	if (cleared)
-		dmirror_flush_sync(dn->dmirror->mdevice, latency);
+		dmirror_flush_sync(dn->dmirror->mdevice, latency, log,
+				   DMIRROR_LOG_SYNC);
 	return true;
 }
 
@@ -1087,26 +1377,29 @@ dmirror_invalidate_start(struct mmu_interval_notifier *mni,
 	struct dmirror_device *mdevice = dn->dmirror->mdevice;
 	struct dmirror_flush *flush;
 	unsigned long cleared;
-	u64 latency;
+	u64 latency, log;
 
 	if (dmirror_event_is_own(dn->dmirror, range))
 		return true;
-	if (!dmirror_invalidate_begin(dn, range, cur_seq, &cleared, &latency))
+	if (!dmirror_invalidate_begin(dn, range, cur_seq, &log, &cleared,
+				      &latency))
 		return false;
 	if (!cleared)
 		return true;
 	if (!mmu_notifier_range_blockable(range)) {
 		/* Only let through when the flush completes at once. */
-		dmirror_flush_sync(mdevice, latency);
+		dmirror_flush_sync(mdevice, latency, log, DMIRROR_LOG_SYNC);
 		return true;
 	}
 
 	flush = dmirror_flush_get(mdevice);
 	if (!flush) {
 		atomic64_inc(&mdevice->stats.sync_fallbacks);
-		dmirror_flush_sync(mdevice, latency);
+		dmirror_flush_sync(mdevice, latency, log, DMIRROR_LOG_FALLBACK);
 		return true;
 	}
+	flush->log = log;
+	dmirror_log_note(log, DMIRROR_LOG_START);
 	dmirror_flush_submit(flush, latency);
 	atomic64_inc(&mdevice->stats.two_pass_starts);
 	*finish = &flush->finish;
@@ -1123,6 +1416,7 @@ dmirror_invalidate_finish(struct mmu_interval_notifier_finish *finish)
 	struct dmirror_flush *flush =
 		container_of(finish, struct dmirror_flush, finish);
 
+	dmirror_log_note(flush->log, DMIRROR_LOG_FINISH);
 	dmirror_flush_wait(flush);
 	atomic64_inc(&flush->mdevice->stats.two_pass_finishes);
 	dmirror_flush_put(flush);
@@ -1232,6 +1526,43 @@ static bool dmirror_needs_cpu_write_fault(const struct hmm_range *range)
 }
 
 /**
+ * struct dmirror_retry - when a collision-retry loop gives up
+ * @deadline: jiffies after which it may
+ * @tries: collisions so far
+ */
+struct dmirror_retry {
+	unsigned long deadline;
+	unsigned int tries;
+};
+
+static void dmirror_retry_init(struct dmirror_retry *retry)
+{
+	retry->deadline = jiffies + msecs_to_jiffies(DMIRROR_FAULT_TIMEOUT_MS);
+	retry->tries = 0;
+}
+
+/**
+ * dmirror_retry_again() - may a loop try again after a collision?
+ * @retry: the loop's state
+ *
+ * A loop gives up once invalidations have kept colliding with it for
+ * %DMIRROR_FAULT_TIMEOUT_MS and at least %DMIRROR_RETRY_MIN times: where
+ * one pass takes a good part of the time limit (a loaded host, a debug
+ * kernel), time alone would give up after a pass or two.
+ *
+ * Return: 0 to try again, -EBUSY to give up, -EINTR on a fatal signal.
+ */
+static int dmirror_retry_again(struct dmirror_retry *retry)
+{
+	if (fatal_signal_pending(current))
+		return -EINTR;
+	if (++retry->tries >= DMIRROR_RETRY_MIN &&
+	    time_after(jiffies, retry->deadline))
+		return -EBUSY;
+	return 0;
+}
+
+/**
  * dmirror_fault_batch() - fault one batch of pages into the device
  * @dmirror: mirror
  * @range: the batch; start, end, flags and pfn array set by the caller, end
@@ -1241,8 +1572,7 @@ static bool dmirror_needs_cpu_write_fault(const struct hmm_range *range)
  * The collision-retry loop of the HMM documentation: read the CPU page
  * table, then take pt_lock and install the result only if no invalidation
  * ran since mmu_interval_read_begin() and the leaf is still in the table.
- * Gives up with -EBUSY if invalidations keep colliding for
- * %DMIRROR_FAULT_TIMEOUT_MS.
+ * Gives up with -EBUSY if invalidations keep colliding (dmirror_retry_again()).
  *
  * Return: 0, or the error of hmm_range_fault() or of leaf creation.
  */
@@ -1250,10 +1580,11 @@ static int dmirror_fault_batch(struct dmirror *dmirror,
 			       struct hmm_range *range, bool unlocked)
 {
 	unsigned long timeout = msecs_to_jiffies(DMIRROR_FAULT_TIMEOUT_MS);
-	unsigned long deadline = jiffies + timeout;
+	struct dmirror_retry retry;
 	struct dmirror_leaf *leaf;
 	int ret;
 
+	dmirror_retry_init(&retry);
 	for (;;) {
 		leaf = dmirror_leaf_get(dmirror, range->start);
 		if (IS_ERR(leaf))
@@ -1296,11 +1627,12 @@ static int dmirror_fault_batch(struct dmirror *dmirror,
 			}
 			mutex_unlock(&dmirror->pt_lock);
 		}
+		/* An invalidation made this pass stale: go again. */
+		atomic64_inc(&dmirror->mdevice->stats.fault_retries);
 		dmirror_leaf_put(leaf);
-		if (time_after(jiffies, deadline))
-			return -EBUSY;
-		if (fatal_signal_pending(current))
-			return -EINTR;
+		ret = dmirror_retry_again(&retry);
+		if (ret)
+			return ret;
 	}
 	dmirror_leaf_put(leaf);
 	return ret;
@@ -1441,6 +1773,8 @@ static int dmirror_chunk_add(struct dmirror_device *mdevice)
 	lockdep_assert_held(&mdevice->chunk_lock);
 	if (mdevice->nr_chunks >= max)
 		return -ENOSPC;
+	if (dmirror_inject_failure())
+		return -ENOMEM;
 
 	chunk = kzalloc_obj(*chunk);
 	if (!chunk)
@@ -1572,6 +1906,8 @@ static int dmirror_backing_alloc(struct dmirror_chunk *chunk,
 	unsigned long i, nr = 1UL << order, idx = pfn - chunk->first_pfn;
 	struct page *page;
 
+	if (dmirror_inject_failure())
+		return -ENOMEM;
 	page = alloc_pages(GFP_HIGHUSER | __GFP_NOWARN, order);
 	if (page) {
 		split_page(page, order);
@@ -1787,7 +2123,8 @@ static int dmirror_access(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
 	char *bounce;
 	int ret = 0;
 
-	bounce = kvmalloc(DMIRROR_BATCH_PAGES * PAGE_SIZE, GFP_KERNEL);
+	bounce = dmirror_inject_failure() ? NULL :
+		 kvmalloc(DMIRROR_BATCH_PAGES * PAGE_SIZE, GFP_KERNEL);
 	if (!bounce)
 		return -ENOMEM;
 
@@ -1827,7 +2164,7 @@ static int dmirror_access(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
  *
  * Used where the device needs a collision-retry window over a range without
  * mapping it through the mirror's notifiers: a snapshot, which maps nothing,
- * and exclusive access to one page, which must not retry because of
+ * and exclusive access to a range, which must not retry because of
  * invalidations elsewhere in the leaf.
  */
 struct dmirror_watch {
@@ -1864,6 +2201,8 @@ static int dmirror_watch_insert(struct dmirror_watch *watch,
 				unsigned long end)
 {
 	watch->dmirror = dmirror;
+	if (dmirror_inject_failure())
+		return -ENOMEM;
 	return mmu_interval_notifier_insert(&watch->mni, dmirror->mm, start,
 					    end - start, &dmirror_watch_ops);
 }
@@ -1898,7 +2237,7 @@ static int dmirror_exclusive_give_back(struct mm_struct *mm,
  * dmirror_exclusive_try() - one attempt at making a page exclusive
  * @dmirror: mirror
  * @leaf: leaf covering @addr, referenced
- * @watch: notifier over the page alone
+ * @watch: notifier over the request's range
  * @addr: page address
  * @installed: output, true if the atomic PTE was installed
  *
@@ -1906,8 +2245,8 @@ static int dmirror_exclusive_give_back(struct mm_struct *mm,
  * back before the device PTE is written. The collision check still applies:
  * the page may have been unmapped between the GUP inside
  * make_device_exclusive() and pt_lock. It uses @watch rather than the leaf's
- * notifier: only invalidations of this page matter, and with other threads
- * busy in the leaf the page would otherwise keep retrying.
+ * notifier: only invalidations of the request's range matter, and with
+ * other threads busy in the leaf the page would otherwise keep retrying.
  *
  * Return: 0 or the error of make_device_exclusive().
  */
@@ -1951,47 +2290,43 @@ static int dmirror_exclusive_try(struct dmirror *dmirror,
 /**
  * dmirror_exclusive_page() - take one page for atomic device access
  * @dmirror: mirror
+ * @watch: notifier over the request's range
  * @addr: page address
  *
  * Return: 0; -EOPNOTSUPP for file-backed or hugetlb memory; -EFAULT when the
  * page cannot be faulted in writable; -EBUSY if invalidations kept
  * colliding; -EINTR, -ENOMEM.
  */
-static int dmirror_exclusive_page(struct dmirror *dmirror, unsigned long addr)
+static int dmirror_exclusive_page(struct dmirror *dmirror,
+				  struct dmirror_watch *watch,
+				  unsigned long addr)
 {
-	unsigned long deadline = jiffies +
-				 msecs_to_jiffies(DMIRROR_FAULT_TIMEOUT_MS);
-	struct dmirror_watch watch;
+	struct dmirror_retry retry;
 	struct dmirror_leaf *leaf;
 	bool installed = false;
 	int ret;
 
-	ret = dmirror_watch_insert(&watch, dmirror, addr, addr + PAGE_SIZE);
-	if (ret)
-		return ret;
+	dmirror_retry_init(&retry);
 	for (;;) {
 		leaf = dmirror_leaf_get(dmirror, addr);
 		if (IS_ERR(leaf)) {
 			ret = PTR_ERR(leaf);
 			break;
 		}
-		ret = dmirror_exclusive_try(dmirror, leaf, &watch, addr,
+		ret = dmirror_exclusive_try(dmirror, leaf, watch, addr,
 					    &installed);
 		dmirror_leaf_put(leaf);
 		if (ret || installed)
 			break;
 
-		ret = -EBUSY;
-		if (time_after(jiffies, deadline))
-			break;
-		ret = -EINTR;
-		if (fatal_signal_pending(current))
+		atomic64_inc(&dmirror->mdevice->stats.exclusive_retries);
+		ret = dmirror_retry_again(&retry);
+		if (ret)
 			break;
 		ret = dmirror_exclusive_give_back(dmirror->mm, addr);
 		if (ret)
 			break;
 	}
-	mmu_interval_notifier_remove(&watch.mni);
 	return ret;
 }
 
@@ -2001,20 +2336,29 @@ static int dmirror_exclusive_page(struct dmirror *dmirror, unsigned long addr)
  * @cmd: the request; the data of the range is copied to @cmd->ptr
  * @range: the range of @cmd
  *
+ * One watch notifier serves the whole request: inserting and removing one
+ * per page would cost more than the pages, and mmu_interval_notifier_remove()
+ * waits until no invalidation of the mm is running, which, with other
+ * threads busy invalidating their own pages, can take long.
+ *
  * Return: 0 or an error of dmirror_exclusive_page() or dmirror_access().
  */
 static int dmirror_exclusive(struct dmirror *dmirror,
 			     struct hmm_dmirror_cmd *cmd,
 			     const struct dmirror_range *range)
 {
+	struct dmirror_watch watch;
 	unsigned long addr;
 	int ret;
 
-	for (addr = range->start; addr < range->end; addr += PAGE_SIZE) {
-		ret = dmirror_exclusive_page(dmirror, addr);
-		if (ret)
-			return ret;
-	}
+	ret = dmirror_watch_insert(&watch, dmirror, range->start, range->end);
+	if (ret)
+		return ret;
+	for (addr = range->start; !ret && addr < range->end; addr += PAGE_SIZE)
+		ret = dmirror_exclusive_page(dmirror, &watch, addr);
+	mmu_interval_notifier_remove(&watch.mni);
+	if (ret)
+		return ret;
 	/* Read the data back through the atomic mappings. */
 	return dmirror_access(dmirror, cmd, range, false, false);
 }
@@ -2360,7 +2704,7 @@ static int dmirror_migrate_alloc_to_sys(struct migrate_vma *args,
 		}
 		order = folio_order(page_folio(spage));
 		nr = 1UL << order;
-		if (order && !fail_large)
+		if (order && !fail_large && !dmirror_inject_failure())
 			folio = vma ? vma_alloc_folio(GFP_HIGHUSER_MOVABLE, order,
 						      vma, addr) :
 				      folio_alloc(GFP_HIGHUSER_MOVABLE, order);
@@ -2375,9 +2719,9 @@ static int dmirror_migrate_alloc_to_sys(struct migrate_vma *args,
 			continue;
 		}
 		for (j = 0; j < nr && (vma || !order); j++) {
-			struct page *page = vma ?
-				alloc_page_vma(GFP_HIGHUSER_MOVABLE, vma,
-					       addr + j * PAGE_SIZE) :
+			struct page *page = dmirror_inject_failure() ? NULL :
+				vma ? alloc_page_vma(GFP_HIGHUSER_MOVABLE, vma,
+						     addr + j * PAGE_SIZE) :
 				alloc_page(GFP_HIGHUSER_MOVABLE);
 
 			if (!page)
@@ -2515,7 +2859,8 @@ static int dmirror_migrate(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
 	unsigned long *pfns;
 	long ret = 0;
 
-	pfns = kvcalloc(2 * HPAGE_PMD_NR, sizeof(*pfns), GFP_KERNEL);
+	pfns = dmirror_inject_failure() ? NULL :
+	       kvcalloc(2 * HPAGE_PMD_NR, sizeof(*pfns), GFP_KERNEL);
 	if (!pfns)
 		return -ENOMEM;
 	args.src = pfns;
@@ -2595,8 +2940,10 @@ static vm_fault_t dmirror_devmem_migrate_to_ram(struct vm_fault *vmf)
 	vm_fault_t ret = 0;
 
 	args.end = args.start + (PAGE_SIZE << order);
-	args.src = kcalloc(nr, sizeof(*args.src), GFP_KERNEL);
-	args.dst = kcalloc(nr, sizeof(*args.dst), GFP_KERNEL);
+	if (!dmirror_inject_failure()) {
+		args.src = kcalloc(nr, sizeof(*args.src), GFP_KERNEL);
+		args.dst = kcalloc(nr, sizeof(*args.dst), GFP_KERNEL);
+	}
 	if (!args.src || !args.dst) {
 		ret = VM_FAULT_OOM;
 		goto out;
@@ -2731,6 +3078,8 @@ static void dmirror_stats_read(struct dmirror *dmirror,
 	out->notifiers_live = atomic64_read(&stats->notifiers_live);
 	out->notifier_inserts = atomic64_read(&stats->notifier_inserts);
 	out->notifier_removals = atomic64_read(&stats->notifier_removals);
+	out->fault_retries = atomic64_read(&stats->fault_retries);
+	out->exclusive_retries = atomic64_read(&stats->exclusive_retries);
 }
 
 static void dmirror_stats_reset(struct dmirror_device *mdevice)
@@ -2748,6 +3097,8 @@ static void dmirror_stats_reset(struct dmirror_device *mdevice)
 	atomic64_set(&stats->nonblock_refused, 0);
 	atomic64_set(&stats->notifier_inserts, 0);
 	atomic64_set(&stats->notifier_removals, 0);
+	atomic64_set(&stats->fault_retries, 0);
+	atomic64_set(&stats->exclusive_retries, 0);
 	atomic_set(&dmirror_flushes_in_flight_max,
 		   atomic_read(&dmirror_flushes_in_flight));
 }
@@ -2795,25 +3146,32 @@ static void dmirror_settings_get(struct dmirror_device *mdevice,
  */
 
 /**
- * dmirror_cmd_range() - validate the range of a command
- * @cmd: the command
+ * dmirror_user_range() - validate a range given by user space
+ * @addr: start
+ * @npages: size in pages
  * @range: output
  *
  * Return: 0, or -EINVAL for an empty, unaligned or wrapping range or one
  * that does not fit in a user address space.
  */
-static int dmirror_cmd_range(const struct hmm_dmirror_cmd *cmd,
-			     struct dmirror_range *range)
+static int dmirror_user_range(u64 addr, u64 npages,
+			      struct dmirror_range *range)
 {
-	if (!cmd->npages || !PAGE_ALIGNED(cmd->addr))
+	if (!npages || !PAGE_ALIGNED(addr))
 		return -EINVAL;
-	if (cmd->npages > (TASK_SIZE_MAX >> PAGE_SHIFT))
+	if (npages > (TASK_SIZE_MAX >> PAGE_SHIFT))
 		return -EINVAL;
-	range->start = cmd->addr;
-	range->end = cmd->addr + (cmd->npages << PAGE_SHIFT);
+	range->start = addr;
+	range->end = addr + (npages << PAGE_SHIFT);
 	if (range->end <= range->start || range->end > TASK_SIZE_MAX)
 		return -EINVAL;
 	return 0;
+}
+
+static int dmirror_cmd_range(const struct hmm_dmirror_cmd *cmd,
+			     struct dmirror_range *range)
+{
+	return dmirror_user_range(cmd->addr, cmd->npages, range);
 }
 
 /**
@@ -2903,6 +3261,77 @@ static long dmirror_ioctl_cmd(struct dmirror *dmirror, unsigned int command,
 	return 0;
 }
 
+/**
+ * dmirror_stats_ioctl() - HMM_DMIRROR_STATS of any size
+ * @dmirror: mirror
+ * @command: the ioctl number, whose size field is the caller's structure's
+ * @uarg: the caller's &struct hmm_dmirror_stats
+ *
+ * Copies out what both sides know and zeroes the rest of the caller's
+ * structure, so that the structure can grow at its end.
+ *
+ * Return: 0 or -EFAULT.
+ */
+static long dmirror_stats_ioctl(struct dmirror *dmirror, unsigned int command,
+				void __user *uarg)
+{
+	size_t usize = _IOC_SIZE(command);
+	size_t n = min(usize, sizeof(struct hmm_dmirror_stats));
+	struct hmm_dmirror_stats stats;
+
+	dmirror_stats_read(dmirror, &stats);
+	if (copy_to_user(uarg, &stats, n))
+		return -EFAULT;
+	if (usize > n && clear_user(uarg + n, usize - n))
+		return -EFAULT;
+	return 0;
+}
+
+/* HMM_DMIRROR_STATS with the size of any version of the structure. */
+static bool dmirror_is_stats_ioctl(unsigned int command)
+{
+	return _IOC_TYPE(command) == _IOC_TYPE(HMM_DMIRROR_STATS) &&
+	       _IOC_NR(command) == _IOC_NR(HMM_DMIRROR_STATS) &&
+	       _IOC_DIR(command) == _IOC_DIR(HMM_DMIRROR_STATS);
+}
+
+/**
+ * dmirror_invalidations() - HMM_DMIRROR_INVALIDATIONS
+ * @dmirror: mirror
+ * @uq: the caller's &struct hmm_dmirror_inval_query
+ *
+ * Return: 0, -EINVAL for a bad range, -EFAULT or -ENOMEM.
+ */
+static long dmirror_invalidations(struct dmirror *dmirror,
+				  struct hmm_dmirror_inval_query __user *uq)
+{
+	struct hmm_dmirror_inval_record *recs;
+	struct hmm_dmirror_inval_query q;
+	struct dmirror_range range;
+	long ret = 0;
+
+	if (copy_from_user(&q, uq, sizeof(q)))
+		return -EFAULT;
+	if (q.npages) {
+		ret = dmirror_user_range(q.addr, q.npages, &range);
+		if (ret)
+			return ret;
+	}
+	recs = dmirror_inject_failure() ? NULL :
+	       kvmalloc_array(HMM_DMIRROR_INVAL_RECORDS, sizeof(*recs),
+			      GFP_KERNEL);
+	if (!recs)
+		return -ENOMEM;
+	q.nr = dmirror_log_read(dmirror->mm, q.npages ? &range : NULL,
+				q.since, recs, &q.last);
+	if (copy_to_user(u64_to_user_ptr(q.ptr), recs,
+			 min(q.nr, q.nr_max) * sizeof(*recs)) ||
+	    copy_to_user(uq, &q, sizeof(q)))
+		ret = -EFAULT;
+	kvfree(recs);
+	return ret;
+}
+
 static long dmirror_fops_unlocked_ioctl(struct file *filp, unsigned int command,
 					unsigned long arg)
 {
@@ -2910,7 +3339,9 @@ static long dmirror_fops_unlocked_ioctl(struct file *filp, unsigned int command,
 	struct dmirror_device *mdevice = dmirror->mdevice;
 	void __user *uarg = (void __user *)arg;
 	struct hmm_dmirror_settings set;
-	struct hmm_dmirror_stats stats;
+
+	if (dmirror_is_stats_ioctl(command))
+		return dmirror_stats_ioctl(dmirror, command, uarg);
 
 	switch (command) {
 	case HMM_DMIRROR_READ:
@@ -2926,9 +3357,6 @@ static long dmirror_fops_unlocked_ioctl(struct file *filp, unsigned int command,
 		return dmirror_devmem_release(mdevice);
 	case HMM_DMIRROR_FLAGS:
 		return dmirror_set_flags(dmirror, uarg);
-	case HMM_DMIRROR_STATS:
-		dmirror_stats_read(dmirror, &stats);
-		return copy_to_user(uarg, &stats, sizeof(stats)) ? -EFAULT : 0;
 	case HMM_DMIRROR_STATS_RESET:
 		dmirror_stats_reset(mdevice);
 		return 0;
@@ -2939,6 +3367,8 @@ static long dmirror_fops_unlocked_ioctl(struct file *filp, unsigned int command,
 		if (copy_from_user(&set, uarg, sizeof(set)))
 			return -EFAULT;
 		return dmirror_settings_set(mdevice, &set);
+	case HMM_DMIRROR_INVALIDATIONS:
+		return dmirror_invalidations(dmirror, uarg);
 	default:
 		return -ENOTTY;
 	}
@@ -2964,7 +3394,7 @@ static int dmirror_fops_open(struct inode *inode, struct file *filp)
 
 	if (!current->mm)
 		return -EINVAL;
-	dmirror = kzalloc_obj(*dmirror);
+	dmirror = dmirror_inject_failure() ? NULL : kzalloc_obj(*dmirror);
 	if (!dmirror)
 		return -ENOMEM;
 
@@ -3047,18 +3477,30 @@ static int dmirror_fops_release(struct inode *inode, struct file *filp)
  * @vma: the new mapping
  *
  * Gives tests memory that is neither anonymous nor file-backed (a mixed map,
- * VM_MIXEDMAP), which HMM must report and refuse to migrate.
+ * VM_MIXEDMAP), which HMM must report and refuse to migrate. The pages are
+ * inserted here, under the mmap lock, as the kernel's driver does (its tests
+ * expect them mapped before any access), so a mapping is limited to
+ * %DMIRROR_MMAP_MAX_SIZE, the pages are charged to the caller's memory
+ * cgroup, and a fatal signal stops the loop.
  *
- * Return: 0, -ENOMEM or the error of vm_insert_page().
+ * Return: 0; -EINVAL for a mapping larger than %DMIRROR_MMAP_MAX_SIZE;
+ * -ENOMEM, -EINTR, or the error of vm_insert_page(). The core unmaps what
+ * was inserted when this fails.
  */
 static int dmirror_fops_mmap(struct file *filp, struct vm_area_struct *vma)
 {
 	unsigned long addr;
 	int ret;
 
+	if (vma->vm_end - vma->vm_start > DMIRROR_MMAP_MAX_SIZE)
+		return -EINVAL;
 	for (addr = vma->vm_start; addr < vma->vm_end; addr += PAGE_SIZE) {
-		struct page *page = alloc_page(GFP_KERNEL | __GFP_ZERO);
+		struct page *page;
 
+		if (fatal_signal_pending(current))
+			return -EINTR;
+		page = dmirror_inject_failure() ? NULL :
+		       alloc_page(GFP_KERNEL_ACCOUNT | __GFP_ZERO);
 		if (!page)
 			return -ENOMEM;
 		ret = vm_insert_page(vma, addr, page);
@@ -3203,6 +3645,8 @@ static int dmirror_params_check(void)
 	if (private_devices < DMIRROR_MIN_PRIVATE ||
 	    private_devices > DMIRROR_MAX_PRIVATE)
 		return -EINVAL;
+	if (!device_memory_mb || device_memory_mb % (DMIRROR_CHUNK_SIZE >> 20))
+		return -EINVAL;
 	return dmirror_settings_check(&set);
 }
 
@@ -3245,12 +3689,14 @@ static int __init dmirror_init(void)
 			return ret;
 		}
 	}
+	dmirror_fail_init();
 	pr_info("HMM test device loaded: %u device numbers\n", dmirror_nr_ids);
 	return 0;
 }
 
 static void __exit dmirror_exit(void)
 {
+	dmirror_fail_exit();
 	dmirror_devices_remove();
 }
 

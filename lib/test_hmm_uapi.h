@@ -94,7 +94,10 @@ struct hmm_dmirror_cmd {
  *
  * HMM_DMIRROR_STATS: fill a struct hmm_dmirror_stats for the device of this
  * file. Removals of notifiers this file deferred are finished first, so the
- * notifier counts are exact when no other file of the device is busy.
+ * notifier counts are exact when no other file of the device is busy. The
+ * structure grows at its end: the driver copies out as many bytes as the
+ * caller's ioctl number encodes, and zeroes what it has no counter for, so
+ * programs built with an older or newer header keep working.
  *
  * HMM_DMIRROR_STATS_RESET: zero the device's counters and the global
  * largest-number-of-flushes-in-flight (the live notifier count is a gauge
@@ -105,11 +108,19 @@ struct hmm_dmirror_cmd {
  * latency apply from the next invalidation; the notifier model and the leaf
  * size apply to mirrors that have not faulted anything yet (including the
  * caller's). -EINVAL for an unknown value.
+ *
+ * HMM_DMIRROR_INVALIDATIONS: read the driver's record of recent invalidations
+ * of the caller's address space (struct hmm_dmirror_inval_query), as all
+ * devices together saw them: what each cost and in which order its passes
+ * ran. Tests prove the two-pass protocol from it rather than from time, and
+ * ignore invalidations they did not cause (reclaim, compaction, NUMA
+ * balancing) by their range and event.
  */
 #define HMM_DMIRROR_STATS		_IOR('H', 0x40, struct hmm_dmirror_stats)
 #define HMM_DMIRROR_STATS_RESET		_IO('H', 0x41)
 #define HMM_DMIRROR_GET_SETTINGS	_IOR('H', 0x42, struct hmm_dmirror_settings)
 #define HMM_DMIRROR_SET_SETTINGS	_IOW('H', 0x43, struct hmm_dmirror_settings)
+#define HMM_DMIRROR_INVALIDATIONS	_IOWR('H', 0x44, struct hmm_dmirror_inval_query)
 
 /*
  * Index of hmm_dmirror_stats.invalidations: the kernel's enum
@@ -142,6 +153,11 @@ struct hmm_dmirror_cmd {
  * @notifiers_live: interval notifiers the device's mirrors have now
  * @notifier_inserts: interval notifiers inserted
  * @notifier_removals: interval notifiers removed
+ * @fault_retries: device fault passes whose result an invalidation made
+ *	stale (mmu_interval_read_retry() said so, or the leaf went away), so
+ *	the fault ran again
+ * @exclusive_retries: attempts to take a page for exclusive access that
+ *	an invalidation of the page made stale, so the attempt ran again
  */
 struct hmm_dmirror_stats {
 	__u64		faults;
@@ -155,6 +171,73 @@ struct hmm_dmirror_stats {
 	__u64		notifiers_live;
 	__u64		notifier_inserts;
 	__u64		notifier_removals;
+	__u64		fault_retries;
+	__u64		exclusive_retries;
+};
+
+/**
+ * struct hmm_dmirror_inval_record - one invalidation, as the devices saw it
+ * @seq: position in the driver's record, from 1, increasing; records are
+ *	kept for the last %HMM_DMIRROR_INVAL_RECORDS invalidations
+ * @start: start of the invalidated range
+ * @end: end of the invalidated range
+ * @event: why (HMM_DMIRROR_EVENT_*)
+ * @callbacks: notifier callbacks it made into this driver, over all devices
+ *	and mirrors: one per device in the whole model, one per leaf the
+ *	range touches in the per-leaf model
+ * @flushes: TLB flushes it made devices submit
+ * @overlapped: flushes submitted before any was waited for. A device that
+ *	waits for its flush before the next device is told (single pass)
+ *	gives 1; devices that all start their flush before the first finish
+ *	waits (two pass) give one per flushing callback
+ * @two_pass_starts: invalidate_start() calls that returned a finish object
+ * @two_pass_finishes: invalidate_finish() calls
+ * @sync_fallbacks: invalidate_start() calls that found no finish object and
+ *	waited for their flush at once
+ * @refused: non-blockable callbacks refused because they would have slept
+ * @reserved: 0
+ */
+struct hmm_dmirror_inval_record {
+	__u64		seq;
+	__u64		start;
+	__u64		end;
+	__u32		event;
+	__u32		callbacks;
+	__u32		flushes;
+	__u32		overlapped;
+	__u32		two_pass_starts;
+	__u32		two_pass_finishes;
+	__u32		sync_fallbacks;
+	__u32		refused;
+	__u32		reserved;
+};
+
+/* How many invalidations the driver keeps records of, over all processes. */
+#define HMM_DMIRROR_INVAL_RECORDS	256
+
+/**
+ * struct hmm_dmirror_inval_query - argument of %HMM_DMIRROR_INVALIDATIONS
+ * @addr: (in) page-aligned start of the range of interest
+ * @npages: (in) its size in pages; 0 to only read @last
+ * @since: (in) only records with a larger &hmm_dmirror_inval_record.seq
+ * @ptr: (in) user array of @nr_max struct hmm_dmirror_inval_record
+ * @nr_max: (in) size of that array
+ * @nr: (out) records of the caller's address space that overlap the range,
+ *	oldest first; only the first @nr_max are copied
+ * @last: (out) the seq of the newest record, of any process: pass it as
+ *	@since of a later query to see only what happened in between
+ *
+ * A range that is not page aligned, wraps around or does not fit in a user
+ * address space is refused with -EINVAL, a bad @ptr with -EFAULT.
+ */
+struct hmm_dmirror_inval_query {
+	__u64		addr;
+	__u64		npages;
+	__u64		since;
+	__u64		ptr;
+	__u32		nr_max;
+	__u32		nr;
+	__u64		last;
 };
 
 /* How a device subscribes to invalidations of the address space it mirrors. */

@@ -70,6 +70,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -116,6 +117,15 @@
 #define HMM_RACE_ROUNDS		50
 #define HMM_MAX_HUGETLB_SIZE	(64UL << 20)
 
+/*
+ * Harness timeout, in seconds, of the tests that run many rounds of a race
+ * (TEST_F_TIMEOUT; the default is 30). Quiet, under QEMU without KVM, they
+ * take a few seconds; on a host busy with other work the guest runs several
+ * times slower, and under KASAN slower again. Their verdict comes from what
+ * the rounds did, never from how long they took.
+ */
+#define HMM_SLOW_TIMEOUT	300
+
 /* Output fields are preset to this: a failing request must leave them be. */
 #define HMM_POISON		0x5ca1ab1edeadbeefULL
 
@@ -140,6 +150,15 @@ static int hmm_open(int device)
 	return fd;
 }
 
+/* For the times tests print: never for what they assert. */
+static __u64 hmm_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1000000000ULL + ts.tv_nsec;
+}
+
 /* Issue @request, retrying on EINTR: its result, or a negative errno. */
 static int hmm_ioctl(int fd, unsigned long request, void *arg)
 {
@@ -161,6 +180,101 @@ static int hmm_cmd(int fd, unsigned long request, void *addr, void *ptr,
 	cmd->cpages = HMM_POISON;
 	cmd->faults = HMM_POISON;
 	return hmm_ioctl(fd, request, cmd);
+}
+
+static int hmm_stats(int fd, struct hmm_dmirror_stats *stats)
+{
+	return hmm_ioctl(fd, HMM_DMIRROR_STATS, stats);
+}
+
+static int hmm_stats_reset(int fd)
+{
+	return hmm_ioctl(fd, HMM_DMIRROR_STATS_RESET, NULL);
+}
+
+/*
+ * The driver's records of the invalidations of this process that overlap
+ * [@addr, @addr + @size) and came after the record @since: up to @nr_max of
+ * them into @recs, their number into *@nr, and the newest record's seq into
+ * *@last. Returns 0 or a negative errno.
+ */
+static int hmm_invals(int fd, void *addr, size_t size, size_t page_size,
+		      __u64 since, struct hmm_dmirror_inval_record *recs,
+		      unsigned int nr_max, unsigned int *nr, __u64 *last)
+{
+	struct hmm_dmirror_inval_query q = {
+		.addr = (uintptr_t)addr,
+		.npages = size / page_size,
+		.since = since,
+		.ptr = (uintptr_t)recs,
+		.nr_max = nr_max,
+	};
+	int ret;
+
+	ret = hmm_ioctl(fd, HMM_DMIRROR_INVALIDATIONS, &q);
+	if (ret)
+		return ret;
+	*nr = q.nr;
+	*last = q.last;
+	return 0;
+}
+
+/*
+ * The seq of the driver's newest invalidation record: the invalidations
+ * after it are those that came after this call. 0 if there is none yet or
+ * the call failed, which makes later lookups see more, never less.
+ */
+static __u64 hmm_inval_mark(int fd)
+{
+	unsigned int nr;
+	__u64 last = 0;
+
+	hmm_invals(fd, NULL, 0, 1, 0, NULL, 0, &nr, &last);
+	return last;
+}
+
+/*
+ * The record of the one invalidation for @event, after the record @since,
+ * that covers all of [@addr, @addr + @size), into @rec. Other invalidations
+ * (of other ranges, or for other reasons: reclaim, compaction) are not
+ * looked at. Returns 0, -ENOENT if there is no such invalidation, -E2BIG if
+ * there are several, or the ioctl's error.
+ */
+static int hmm_inval_find(int fd, void *addr, size_t size, size_t page_size,
+			  __u64 since, __u32 event,
+			  struct hmm_dmirror_inval_record *rec)
+{
+	static struct hmm_dmirror_inval_record recs[HMM_DMIRROR_INVAL_RECORDS];
+	__u64 start = (uintptr_t)addr, end = start + size, last;
+	unsigned int i, nr, found = 0;
+	int ret;
+
+	ret = hmm_invals(fd, addr, size, page_size, since, recs,
+			 HMM_DMIRROR_INVAL_RECORDS, &nr, &last);
+	if (ret)
+		return ret;
+	for (i = 0; i < nr && i < HMM_DMIRROR_INVAL_RECORDS; i++) {
+		if (recs[i].event != event || recs[i].start > start ||
+		    recs[i].end < end)
+			continue;
+		*rec = recs[i];
+		found++;
+	}
+	if (found == 1)
+		return 0;
+	/* Say what there was instead, anywhere in the process. */
+	fprintf(stderr, "# %u invalidations of 0x%llx-0x%llx after %llu, up to %llu\n",
+		nr, start, end, since, last);
+	hmm_invals(fd, NULL, 1ULL << 47, page_size, since, recs,
+		   HMM_DMIRROR_INVAL_RECORDS, &nr, &last);
+	for (i = 0; i < nr && i < HMM_DMIRROR_INVAL_RECORDS; i++)
+		fprintf(stderr,
+			"# invalidation %llu: 0x%llx-0x%llx event %u: %u callbacks, %u flushes, %u overlapped, %u/%u two-pass, %u fallbacks, %u refused\n",
+			recs[i].seq, recs[i].start, recs[i].end, recs[i].event,
+			recs[i].callbacks, recs[i].flushes, recs[i].overlapped,
+			recs[i].two_pass_starts, recs[i].two_pass_finishes,
+			recs[i].sync_fallbacks, recs[i].refused);
+	return found ? -E2BIG : -ENOENT;
 }
 
 /*
@@ -364,6 +478,38 @@ static __printf(3, 4) char *hmm_why(char *why, size_t len,
 	vsnprintf(why, len, fmt, ap);
 	va_end(ap);
 	return NULL;
+}
+
+/*
+ * The rows or steps of a table-driven test that could not run, and why. A
+ * test that left one out ends with SKIP and the reasons rather than a pass,
+ * unless something already failed (hmm_left_out()).
+ */
+struct hmm_skipped {
+	char	why[512];
+};
+
+static __printf(2, 3) void hmm_skip_row(struct hmm_skipped *sk,
+					const char *fmt, ...)
+{
+	size_t len = strlen(sk->why);
+	va_list ap;
+
+	if (len && len + 2 < sizeof(sk->why)) {
+		strcpy(sk->why + len, "; ");
+		len += 2;
+	}
+	va_start(ap, fmt);
+	vsnprintf(sk->why + len, sizeof(sk->why) - len, fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "# left out: %s\n", sk->why + len);
+}
+
+/* Were rows left out of a test in which nothing failed? */
+static bool hmm_left_out(const struct hmm_skipped *sk,
+			 const struct __test_metadata *metadata)
+{
+	return sk->why[0] && metadata->exit_code == KSFT_PASS;
 }
 
 /*
@@ -1183,6 +1329,7 @@ struct hmm_unmap_race {
 	char			*addr;	/* what to munmap() */
 	size_t			len;
 	int			err;	/* errno of munmap(), 0 if none */
+	int			calling; /* set before munmap() is called */
 	int			done;	/* set once munmap() returned */
 };
 
@@ -1191,6 +1338,7 @@ static void *hmm_unmap_thread(void *arg)
 	struct hmm_unmap_race *race = arg;
 
 	pthread_barrier_wait(&race->start);
+	__atomic_store_n(&race->calling, 1, __ATOMIC_RELEASE);
 	if (munmap(race->addr, race->len))
 		race->err = errno;
 	__atomic_store_n(&race->done, 1, __ATOMIC_RELEASE);
@@ -1202,13 +1350,17 @@ static void *hmm_unmap_thread(void *arg)
  * half: each read either fails with EFAULT or returns all of the data, and
  * once munmap() has returned, reads fail. The buffer is mirrored before the
  * race starts, so that reads through the device page table race with the
- * invalidation that clears it, as well as faults with the unmap.
+ * invalidation that clears it, as well as faults with the unmap. A read
+ * that began before munmap() returned and ended after it was called
+ * overlapped it; if no read of any round did, the race was not run and the
+ * test skips rather than pass.
  */
-TEST_F(hmm, read_vs_munmap)
+TEST_F_TIMEOUT(hmm, read_vs_munmap, HMM_SLOW_TIMEOUT)
 {
 	const __u64 npages = HMM_RACE_NPAGES;
 	size_t size = npages * self->page_size, half = size / 2;
-	unsigned long nread = 0, nfault = 0;
+	unsigned long nread = 0, nfault = 0, noverlap = 0;
+	__u64 t0 = hmm_now_ns();
 	struct hmm_unmap_race race;
 	struct hmm_dmirror_cmd cmd;
 	char *buf, *mirror;
@@ -1228,6 +1380,7 @@ TEST_F(hmm, read_vs_munmap)
 		race.addr = buf + half;
 		race.len = size - half;
 		race.err = 0;
+		race.calling = 0;
 		race.done = 0;
 		ASSERT_EQ(0, pthread_barrier_init(&race.start, NULL, 2));
 		ASSERT_EQ(0, pthread_create(&thread, NULL, hmm_unmap_thread,
@@ -1238,6 +1391,8 @@ TEST_F(hmm, read_vs_munmap)
 			done = __atomic_load_n(&race.done, __ATOMIC_ACQUIRE);
 			ret = hmm_cmd(self->fd, HMM_DMIRROR_READ, buf, mirror,
 				      npages, &cmd);
+			noverlap += !done && __atomic_load_n(&race.calling,
+							     __ATOMIC_ACQUIRE);
 			if (ret == -EFAULT) {
 				nfault++;
 				continue;
@@ -1261,8 +1416,12 @@ TEST_F(hmm, read_vs_munmap)
 		ASSERT_EQ(-1, hmm_check(mirror, half, round));
 		ASSERT_EQ(0, munmap(buf, half));
 	}
-	TH_LOG("%lu whole reads, %lu EFAULT", nread, nfault);
+	TH_LOG("%lu whole reads, %lu EFAULT, %lu overlapping munmap(), %llu ms",
+	       nread, nfault, noverlap, (hmm_now_ns() - t0) / 1000000);
 	free(mirror);
+	if (!noverlap)
+		SKIP(return, "no read overlapped munmap() in %u rounds",
+		     HMM_RACE_ROUNDS);
 }
 
 enum hmm_op {
@@ -1455,6 +1614,9 @@ TEST_F(hmm, bad_input)
 				  hmm_ioctl(self->fd, request,
 					    c->null_cmd ? NULL : &cmd))
 				TH_LOG("%s, %s", c->name, hmm_ops[op].name);
+			/* With no cmd there is nothing to write back to. */
+			if (c->null_cmd)
+				continue;
 			EXPECT_EQ(HMM_POISON, cmd.cpages)
 				TH_LOG("%s, %s: cpages written back", c->name,
 				       hmm_ops[op].name);
@@ -1563,8 +1725,6 @@ TEST_F(hmm, snapshot_states)
 
 #define HMM_EXCL_THREADS	4
 #define HMM_EXCL_ROUNDS		50
-/* The driver gives up retrying a request after 1 s: stay well under it. */
-#define HMM_EXCL_MAX_NS		(500 * 1000000ULL)
 
 /*
  * CHECK_EXCLUSIVE of @npages pages at @addr: 0 if the device behind @fd
@@ -1578,14 +1738,6 @@ static int hmm_check_exclusive(int fd, void *addr, void *scratch,
 
 	return hmm_cmd(fd, HMM_DMIRROR_CHECK_EXCLUSIVE, addr, scratch, npages,
 		       &cmd);
-}
-
-static __u64 hmm_now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1000000000ULL + ts.tv_nsec;
 }
 
 /*
@@ -1880,13 +2032,18 @@ enum hmm_excl_setup {
 	HMM_EXCL_COW_SHARED,	/* shared with a live child: the fault copies */
 };
 
+/*
+ * @replaced: the fault replaces a page the CPU mapped, an invalidation the
+ * request sees as a collision: each page is tried once more.
+ */
 static const struct {
 	const char		*name;
 	enum hmm_excl_setup	setup;
+	bool			replaced;
 } hmm_excl_faults[] = {
-	{ "never touched", HMM_EXCL_UNTOUCHED },
-	{ "zero page", HMM_EXCL_ZERO_PAGE },
-	{ "copy on write", HMM_EXCL_COW_SHARED },
+	{ "never touched", HMM_EXCL_UNTOUCHED, false },
+	{ "zero page", HMM_EXCL_ZERO_PAGE, true },
+	{ "copy on write", HMM_EXCL_COW_SHARED, true },
 };
 
 /*
@@ -1912,13 +2069,15 @@ static int hmm_child_hold(int fd, const char *addr, __u64 npages,
  * EXCLUSIVE first faults the pages in writable. When that fault replaces a
  * page, the zero page or a page shared copy on write, it sends an
  * invalidation that is not the device's own exclusive one: the request
- * must still succeed at once with the data, not retry until the driver
- * gives up, and a child sharing the pages keeps its copy.
+ * sees it as a collision and tries that page once more (the driver counts
+ * the retries), then succeeds with the data rather than retry until it
+ * gives up; a child sharing the pages keeps its copy.
  */
 TEST_F(hmm, exclusive_write_fault)
 {
 	const __u64 npages = HMM_NPAGES;
 	size_t size = npages * self->page_size;
+	struct hmm_dmirror_stats stats;
 	struct hmm_dmirror_cmd cmd;
 	int ret, status, hold[2];
 	char *buf, *mirror;
@@ -1933,6 +2092,7 @@ TEST_F(hmm, exclusive_write_fault)
 	for (i = 0; i < ARRAY_SIZE(hmm_excl_faults); i++) {
 		const char *name = hmm_excl_faults[i].name;
 		bool cow = hmm_excl_faults[i].setup == HMM_EXCL_COW_SHARED;
+		bool replaced = hmm_excl_faults[i].replaced;
 
 		buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
 		ASSERT_NE(NULL, buf);
@@ -1959,15 +2119,22 @@ TEST_F(hmm, exclusive_write_fault)
 		}
 
 		memset(mirror, 0xa5, size);
+		ASSERT_EQ(0, hmm_stats_reset(self->fd));
 		t0 = hmm_now_ns();
 		ret = hmm_cmd(self->fd, HMM_DMIRROR_EXCLUSIVE, buf, mirror,
 			      npages, &cmd);
 		ns = hmm_now_ns() - t0;
 		ASSERT_EQ(0, ret) TH_LOG("%s: after %llu ms", name,
 					 ns / 1000000);
-		ASSERT_GT(HMM_EXCL_MAX_NS, ns)
-			TH_LOG("%s: EXCLUSIVE took %llu ms", name,
-			       ns / 1000000);
+		ASSERT_EQ(0, hmm_stats(self->fd, &stats));
+		/* Beyond one per replaced page, only reclaim and the like. */
+		ASSERT_LE(replaced ? npages : 0, stats.exclusive_retries)
+			TH_LOG("%s: the fault did not collide", name);
+		ASSERT_GT((replaced ? 2 : 1) * npages, stats.exclusive_retries)
+			TH_LOG("%s: %llu retries for %llu pages", name,
+			       stats.exclusive_retries, npages);
+		TH_LOG("%s: %llu ms, %llu retries", name, ns / 1000000,
+		       stats.exclusive_retries);
 		ASSERT_EQ(npages, cmd.cpages);
 		if (cow)
 			bad = hmm_check(mirror, size, 0xc0e);
@@ -2024,6 +2191,7 @@ static const struct {
 TEST_F(hmm, exclusive_refused)
 {
 	char *buf, *mirror, why[128];
+	struct hmm_skipped skipped = {};
 	struct hmm_dmirror_cmd cmd;
 	unsigned int i;
 	size_t size;
@@ -2063,7 +2231,7 @@ TEST_F(hmm, exclusive_refused)
 			break;
 		}
 		if (!buf && why[0]) {
-			TH_LOG("%s: skipped: %s", name, why);
+			hmm_skip_row(&skipped, "%s: %s", name, why);
 			continue;
 		}
 		ASSERT_NE(NULL, buf) TH_LOG("%s", name);
@@ -2088,13 +2256,16 @@ TEST_F(hmm, exclusive_refused)
 		if (fd >= 0)
 			close(fd);
 	}
+	if (hmm_left_out(&skipped, _metadata))
+		SKIP(return, "%s", skipped.why);
 }
 
 /*
  * Two devices mirror the same pages, the fixture's and the other one of
  * the same kind. Taking the pages for exclusive access keeps the taker's
  * own mirror (its invalidation is filtered out, so the request does not
- * retry until the driver's time limit) but drops the other device's. The
+ * retry: a device that took its own invalidation for a collision would
+ * retry every page until it gave up) but drops the other device's. The
  * other device's next read faults, which revokes the taker's access.
  */
 TEST_F(hmm, exclusive_two_devices)
@@ -2102,6 +2273,7 @@ TEST_F(hmm, exclusive_two_devices)
 	const __u64 npages = HMM_NPAGES;
 	size_t size = npages * self->page_size;
 	int other = variant->device ^ 1;	/* 0 <-> 1, 2 <-> 3 */
+	struct hmm_dmirror_stats stats;
 	struct hmm_dmirror_cmd cmd;
 	char *buf, *mirror;
 	__u64 t0, ns;
@@ -2122,14 +2294,19 @@ TEST_F(hmm, exclusive_two_devices)
 	ASSERT_EQ(1ULL, cmd.faults);
 
 	memset(mirror, 0, size);
+	ASSERT_EQ(0, hmm_stats_reset(self->fd));
 	t0 = hmm_now_ns();
 	ret = hmm_cmd(self->fd, HMM_DMIRROR_EXCLUSIVE, buf, mirror, npages,
 		      &cmd);
 	ns = hmm_now_ns() - t0;
 	ASSERT_EQ(0, ret) TH_LOG("EXCLUSIVE failed after %llu ms", ns / 1000000);
-	ASSERT_GT(HMM_EXCL_MAX_NS, ns)
-		TH_LOG("EXCLUSIVE took %llu ms: did it retry on its own invalidation?",
-		       ns / 1000000);
+	ASSERT_EQ(0, hmm_stats(self->fd, &stats));
+	/* Only an invalidation from elsewhere (compaction, say) may retry. */
+	ASSERT_GT(npages, stats.exclusive_retries)
+		TH_LOG("EXCLUSIVE retried %llu times for %llu pages: on its own invalidation?",
+		       stats.exclusive_retries, npages);
+	TH_LOG("EXCLUSIVE of %llu pages: %llu ms, %llu retries", npages,
+	       ns / 1000000, stats.exclusive_retries);
 	ASSERT_EQ(npages, cmd.cpages);
 	ASSERT_EQ(-1, hmm_check(mirror, size, 0x2de));
 
@@ -2217,17 +2394,21 @@ static void *hmm_excl_thread_fn(void *arg)
  * exclusive access and give it back by reading it, over and over: no
  * thread's requests or CPU accesses disturb another thread's pages.
  */
-TEST_F(hmm, exclusive_threads)
+TEST_F_TIMEOUT(hmm, exclusive_threads, HMM_SLOW_TIMEOUT)
 {
 	const __u64 slice_pages = HMM_NPAGES / HMM_EXCL_THREADS;
 	size_t slice = slice_pages * self->page_size;
 	struct hmm_excl_thread t[HMM_EXCL_THREADS] = { 0 };
 	size_t size = HMM_EXCL_THREADS * slice;
+	struct hmm_dmirror_stats stats;
 	unsigned int i;
+	__u64 t0, ns;
 	char *buf;
 
 	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
 	ASSERT_NE(NULL, buf);
+	ASSERT_EQ(0, hmm_stats_reset(self->fd));
+	t0 = hmm_now_ns();
 	for (i = 0; i < HMM_EXCL_THREADS; i++) {
 		t[i].fd = self->fd;
 		t[i].slice = buf + i * slice;
@@ -2239,6 +2420,11 @@ TEST_F(hmm, exclusive_threads)
 	}
 	for (i = 0; i < HMM_EXCL_THREADS; i++)
 		ASSERT_EQ(0, pthread_join(t[i].thread, NULL));
+	ns = hmm_now_ns() - t0;
+	ASSERT_EQ(0, hmm_stats(self->fd, &stats));
+	TH_LOG("%u threads x %u rounds: %llu ms, %llu exclusive retries, %llu fault retries",
+	       HMM_EXCL_THREADS, HMM_EXCL_ROUNDS, ns / 1000000,
+	       stats.exclusive_retries, stats.fault_retries);
 	for (i = 0; i < HMM_EXCL_THREADS; i++) {
 		const struct hmm_excl_thread *th = &t[i];
 
@@ -2505,7 +2691,7 @@ TEST_F(hmm, migrate_out_of_memory)
 		on_device += (snap[i] & ~(HMM_DMIRROR_PROT_WRITE |
 					  HMM_DMIRROR_PROT_PMD)) == local;
 	TH_LOG("%llu of %llu pages on the device", on_device, npages);
-	ASSERT_LT(0, on_device);
+	ASSERT_LT(0ULL, on_device);
 	ASSERT_GT(npages, on_device);
 	ASSERT_EQ(-1, hmm_check(buf, size, 0x00e));
 
@@ -2580,6 +2766,7 @@ TEST_F(hmm, migrate_shared)
 {
 	const __u64 npages = HMM_NPAGES;
 	size_t size = npages * self->page_size;
+	struct hmm_skipped skipped = {};
 	struct hmm_dmirror_cmd cmd;
 	unsigned char *snap;
 	char *buf, *mirror;
@@ -2599,8 +2786,9 @@ TEST_F(hmm, migrate_shared)
 		if (hmm_shared_maps[i].file) {
 			fd = hmm_tmpfile(size);
 			if (fd < 0) {
-				TH_LOG("%s: skipped: no writable directory for a temporary file",
-				       name);
+				hmm_skip_row(&skipped,
+					     "%s: no writable directory for a temporary file",
+					     name);
 				continue;
 			}
 			buf = mmap(NULL, size, PROT_READ | PROT_WRITE,
@@ -2629,6 +2817,8 @@ TEST_F(hmm, migrate_shared)
 	}
 	free(snap);
 	free(mirror);
+	if (hmm_left_out(&skipped, _metadata))
+		SKIP(return, "%s", skipped.why);
 }
 
 /*
@@ -2970,6 +3160,7 @@ TEST_F(hmm, migrate_thp)
 	const unsigned char thp = HMM_DMIRROR_PROT_WRITE | HMM_DMIRROR_PROT_PMD;
 	unsigned char local = hmm_local(variant->coherent);
 	char *map, *buf, *mirror = NULL, why[128];
+	struct hmm_skipped skipped = {};
 	unsigned char *snap = NULL;
 	struct hmm_dmirror_cmd cmd;
 	__u64 npages = 0;
@@ -3001,8 +3192,9 @@ TEST_F(hmm, migrate_thp)
 		bad = hmm_snap_expect(self->fd, buf, npages, snap,
 				      hmm_thp_sources[i].state);
 		if (source == HMM_THP_ZERO && bad >= 0) {
-			TH_LOG("%s: skipped: a read maps 0x%02x (see %s)",
-			       name, snap[0], HMM_THP_DIR "/use_zero_page");
+			hmm_skip_row(&skipped, "%s: a read maps 0x%02x (see %s)",
+				     name, snap[0],
+				     HMM_THP_DIR "/use_zero_page");
 			munmap(map, 2 * size);
 			continue;
 		}
@@ -3020,8 +3212,8 @@ TEST_F(hmm, migrate_thp)
 					  name, bad, snap[bad]);
 
 		if (variant->coherent) {
-			TH_LOG("%s: MIGRATE_TO_SYS left out: %s", name,
-			       HMM_BUG_COHERENT_THP_TO_SYS);
+			hmm_skip_row(&skipped, "%s: MIGRATE_TO_SYS: %s", name,
+				     HMM_BUG_COHERENT_THP_TO_SYS);
 		} else {
 			ASSERT_EQ(0, hmm_cmd(self->fd,
 					     HMM_DMIRROR_MIGRATE_TO_SYS, buf,
@@ -3053,6 +3245,8 @@ TEST_F(hmm, migrate_thp)
 	}
 	free(snap);
 	free(mirror);
+	if (hmm_left_out(&skipped, _metadata))
+		SKIP(return, "%s", skipped.why);
 }
 
 /*
@@ -3274,6 +3468,7 @@ TEST_F(hmm, migrate_thp_mremap)
 	unsigned char local = hmm_local(variant->coherent);
 	unsigned char touched = hmm_cpu_touched(variant->coherent);
 	char *map, *buf, *mirror, *dmap, *dst, *moved, why[128];
+	struct hmm_skipped skipped = {};
 	struct hmm_dmirror_cmd cmd;
 	unsigned char *snap;
 	unsigned int i;
@@ -3286,8 +3481,8 @@ TEST_F(hmm, migrate_thp_mremap)
 		const char *name = hmm_thp_moves[i].name;
 
 		if (variant->coherent && !hmm_thp_moves[i].aligned) {
-			TH_LOG("%s: left out: %s", name,
-			       HMM_BUG_COHERENT_THP_SPLIT_QUEUE);
+			hmm_skip_row(&skipped, "%s: %s", name,
+				     HMM_BUG_COHERENT_THP_SPLIT_QUEUE);
 			continue;
 		}
 		buf = hmm_map_thp(0x3e0 + i, &size, &map, why, sizeof(why));
@@ -3348,6 +3543,8 @@ TEST_F(hmm, migrate_thp_mremap)
 		munmap(dmap, 3 * size);
 		munmap(map, 2 * size);
 	}
+	if (hmm_left_out(&skipped, _metadata))
+		SKIP(return, "%s", skipped.why);
 }
 
 /*
@@ -3360,6 +3557,7 @@ TEST_F(hmm, migrate_thp_mremap)
  */
 TEST_F(hmm, migrate_thp_fail_alloc)
 {
+	struct hmm_skipped skipped = {};
 	static const __u64 bad_flags[] = { 0x2, 1ULL << 63, ~0ULL };
 	const unsigned char rw = HMM_DMIRROR_PROT_WRITE;
 	const unsigned char pmd = HMM_DMIRROR_PROT_PMD;
@@ -3405,8 +3603,8 @@ TEST_F(hmm, migrate_thp_fail_alloc)
 
 	/* Back to system memory. */
 	if (variant->coherent) {
-		TH_LOG("from the device: left out: %s",
-		       HMM_BUG_COHERENT_THP_TO_SYS);
+		hmm_skip_row(&skipped, "from the device: %s",
+			     HMM_BUG_COHERENT_THP_TO_SYS);
 		goto out;
 	}
 	buf = hmm_map_thp(0xfa2, &size, &map, why, sizeof(why));
@@ -3431,6 +3629,8 @@ TEST_F(hmm, migrate_thp_fail_alloc)
 out:
 	free(snap);
 	free(mirror);
+	if (hmm_left_out(&skipped, _metadata))
+		SKIP(return, "%s", skipped.why);
 }
 
 /*
@@ -3794,6 +3994,23 @@ static int hmm_uring_rw(struct io_uring *ring, bool write, int fd, void *buf,
 	io_uring_cqe_seen(ring, cqe);
 	return ret;
 }
+
+/* Wait for the CQE with which @ring reports it let go of resource @tag. */
+static int hmm_uring_wait_tag(struct io_uring *ring, __u64 tag)
+{
+	struct io_uring_cqe *cqe;
+	bool found;
+	int ret;
+
+	do {
+		ret = io_uring_wait_cqe(ring, &cqe);
+		if (ret)
+			return ret;
+		found = cqe->user_data == tag;
+		io_uring_cqe_seen(ring, cqe);
+	} while (!found);
+	return 0;
+}
 #endif
 
 /*
@@ -3802,7 +4019,12 @@ static int hmm_uring_rw(struct io_uring *ring, bool write, int fd, void *buf,
  * it stays while registered (migration fails with ENOENT, the device reads
  * it in place). IORING_OP_WRITE_FIXED writes its data to a file and
  * IORING_OP_READ_FIXED reads the file's into it, as the CPU and the device
- * see. Once unregistered, it migrates again.
+ * see. Once unregistered and let go of, it migrates again. io_uring lets go
+ * of a buffer when its last request is freed, which may be after the
+ * unregistration returns: the buffer is registered with a tag, and the
+ * ring's CQE for that tag says when. The unpin follows that CQE in the same
+ * kernel function, maybe on another CPU, so the migration is retried until
+ * the pin is gone; if it never goes, the harness's timeout fails the test.
  */
 TEST_F(hmm, migrate_io_uring_fixed)
 {
@@ -3813,6 +4035,8 @@ TEST_F(hmm, migrate_io_uring_fixed)
 	size_t size = npages * self->page_size;
 	unsigned char local = hmm_local(variant->coherent);
 	struct hmm_dmirror_cmd cmd;
+	const __u64 tag = 0x10b;
+	unsigned long tries;
 	struct io_uring ring;
 	unsigned char *snap;
 	char *buf, *mirror, *io;
@@ -3841,8 +4065,8 @@ TEST_F(hmm, migrate_io_uring_fixed)
 
 	iov.iov_base = buf;
 	iov.iov_len = size;
-	ret = io_uring_register_buffers(&ring, &iov, 1);
-	ASSERT_EQ(0, ret) TH_LOG("io_uring_register_buffers(): %s",
+	ret = io_uring_register_buffers_tags(&ring, &iov, &tag, 1);
+	ASSERT_EQ(0, ret) TH_LOG("io_uring_register_buffers_tags(): %s",
 				 strerror(-ret));
 	bad = hmm_snap_expect(self->fd, buf, npages, snap,
 			      HMM_DMIRROR_PROT_WRITE);
@@ -3877,9 +4101,19 @@ TEST_F(hmm, migrate_io_uring_fixed)
 		TH_LOG("the device does not see what READ_FIXED read");
 
 	ASSERT_EQ(0, io_uring_unregister_buffers(&ring));
-	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
-			     npages, &cmd));
+	ASSERT_EQ(0, hmm_uring_wait_tag(&ring, tag));
+	for (tries = 1;; tries++) {
+		ret = hmm_cmd(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			      npages, &cmd);
+		if (ret != -ENOENT)
+			break;
+		sched_yield();
+	}
+	ASSERT_EQ(0, ret);
 	ASSERT_EQ(npages, cmd.cpages);
+	if (tries > 1)
+		TH_LOG("the pin went %lu migrations after the tag's CQE",
+		       tries - 1);
 	bad = hmm_snap_expect(self->fd, buf, npages, snap,
 			      local | HMM_DMIRROR_PROT_WRITE);
 	ASSERT_EQ(-1, bad) TH_LOG("unregistered: page %ld is 0x%02x", bad,
@@ -4143,16 +4377,6 @@ static const int hmm_private_ids[] = { 0, 1, 4, 5, 6, 7, 8, 9 };
 #define HMM_NPRIVATE		ARRAY_SIZE(hmm_private_ids)
 #define HMM_LEAF_SIZE		(2UL << 20)	/* the default leaf size */
 #define HMM_MS			1000000ULL	/* in ns */
-
-static int hmm_stats(int fd, struct hmm_dmirror_stats *stats)
-{
-	return hmm_ioctl(fd, HMM_DMIRROR_STATS, stats);
-}
-
-static int hmm_stats_reset(int fd)
-{
-	return hmm_ioctl(fd, HMM_DMIRROR_STATS_RESET, NULL);
-}
 
 static int hmm_get_settings(int fd, struct hmm_dmirror_settings *set)
 {
@@ -4509,20 +4733,23 @@ TEST_F(hmm_inval, cpu_op_refault)
 /*
  * One munmap() of a range that every device mirrors within one leaf of its
  * page table: each device is told once and flushes once. In two passes all
- * of them start their flush before any waits, so all the flushes are in
- * flight at once; in a single pass each device waits for its flush before
- * the next is told, so never more than one is.
+ * of them start their flush before the first finish waits, so all the
+ * flushes overlap; in a single pass each device waits for its flush before
+ * the next is told, so none do. The driver's record of the munmap() says
+ * which happened, whatever the flush latency and however slow the host:
+ * the time is only printed.
  */
 TEST_F(hmm_inval, flushes_in_flight)
 {
 	bool two_pass = variant->invalidation == HMM_DMIRROR_TWO_PASS;
+	const __u32 ndev = HMM_NPRIVATE;
 	const __u64 npages = 16;
 	size_t size = npages * self->page_size;
-	struct hmm_dmirror_stats stats;
+	struct hmm_dmirror_inval_record rec;
 	struct hmm_dmirror_cmd cmd;
 	char *buf, *mirror;
+	__u64 t0, ns, mark;
 	unsigned int d;
-	__u64 t0, ns;
 
 	buf = hmm_map_aligned(size, HMM_LEAF_SIZE);
 	ASSERT_NE(NULL, buf);
@@ -4534,30 +4761,23 @@ TEST_F(hmm_inval, flushes_in_flight)
 				     npages, &cmd));
 		ASSERT_EQ(1ULL, cmd.faults);
 	}
-	for (d = 0; d < HMM_NPRIVATE; d++)
-		ASSERT_EQ(0, hmm_stats_reset(self->fd[d]));
 
+	mark = hmm_inval_mark(self->fd[0]);
 	t0 = hmm_now_ns();
 	ASSERT_EQ(0, munmap(buf, size));
 	ns = hmm_now_ns() - t0;
 
-	for (d = 0; d < HMM_NPRIVATE; d++) {
-		int id = hmm_private_ids[d];
-
-		ASSERT_EQ(0, hmm_stats(self->fd[d], &stats));
-		ASSERT_EQ(1ULL, stats.invalidations[HMM_DMIRROR_EVENT_UNMAP])
-			TH_LOG("device %d", id);
-		ASSERT_EQ(1ULL, stats.flushes) TH_LOG("device %d", id);
-		ASSERT_EQ(two_pass ? 1ULL : 0ULL, stats.two_pass_starts)
-			TH_LOG("device %d", id);
-		ASSERT_EQ(two_pass ? 1ULL : 0ULL, stats.two_pass_finishes)
-			TH_LOG("device %d", id);
-		ASSERT_EQ(0ULL, stats.sync_fallbacks) TH_LOG("device %d", id);
-	}
-	ASSERT_EQ(two_pass ? (__u64)HMM_NPRIVATE : 1ULL,
-		  stats.flushes_in_flight_max);
-	TH_LOG("munmap() with %zu devices: %llu ms", HMM_NPRIVATE,
-	       ns / HMM_MS);
+	ASSERT_EQ(0, hmm_inval_find(self->fd[0], buf, size, self->page_size,
+				    mark, HMM_DMIRROR_EVENT_UNMAP, &rec));
+	ASSERT_EQ(ndev, rec.callbacks);
+	ASSERT_EQ(ndev, rec.flushes);
+	ASSERT_EQ(two_pass ? ndev : 0, rec.two_pass_starts);
+	ASSERT_EQ(two_pass ? ndev : 0, rec.two_pass_finishes);
+	ASSERT_EQ(0U, rec.sync_fallbacks);
+	ASSERT_EQ(0U, rec.refused);
+	ASSERT_EQ(two_pass ? ndev : 1, rec.overlapped)
+		TH_LOG("flushes submitted before the first wait");
+	TH_LOG("munmap() with %u devices: %llu ms", ndev, ns / HMM_MS);
 
 	for (d = 0; d < HMM_NPRIVATE; d++) {
 		ASSERT_EQ(-EFAULT, hmm_cmd(self->fd[d], HMM_DMIRROR_READ, buf,
@@ -4618,10 +4838,11 @@ TEST_F(hmm_config, fail_next_finish)
 	};
 	const __u64 npages = 16;
 	size_t size = npages * self->page_size;
-	struct hmm_dmirror_stats stats;
+	struct hmm_dmirror_inval_record rec;
 	struct hmm_dmirror_cmd cmd;
 	char *buf, *mirror;
 	int fd, round;
+	__u64 mark;
 
 	fd = hmm_open_set(&self->saved, 0, &set);
 	ASSERT_LE(0, fd);
@@ -4631,7 +4852,8 @@ TEST_F(hmm_config, fail_next_finish)
 	for (round = 0; round < 2; round++) {
 		bool armed = !round;
 
-		buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+		/* Within one leaf: one notifier, one finish object. */
+		buf = hmm_map_aligned(size, HMM_LEAF_SIZE);
 		ASSERT_NE(NULL, buf);
 		hmm_fill(buf, size, 0xf1 + round);
 		ASSERT_EQ(0, hmm_cmd(fd, HMM_DMIRROR_READ, buf, mirror, npages,
@@ -4646,16 +4868,19 @@ TEST_F(hmm_config, fail_next_finish)
 				TH_LOG("settings read back differ (flags 0x%x)",
 				       got.flags);
 		}
-		ASSERT_EQ(0, hmm_stats_reset(fd));
+		mark = hmm_inval_mark(fd);
 		ASSERT_EQ(0, munmap(buf, size));
 
-		ASSERT_EQ(0, hmm_stats(fd, &stats));
-		ASSERT_EQ(1ULL, stats.flushes) TH_LOG("round %d", round);
-		ASSERT_EQ(armed ? 1ULL : 0ULL, stats.sync_fallbacks)
+		ASSERT_EQ(0, hmm_inval_find(fd, buf, size, self->page_size,
+					    mark, HMM_DMIRROR_EVENT_UNMAP,
+					    &rec)) TH_LOG("round %d", round);
+		ASSERT_EQ(1U, rec.callbacks) TH_LOG("round %d", round);
+		ASSERT_EQ(1U, rec.flushes) TH_LOG("round %d", round);
+		ASSERT_EQ(armed ? 1U : 0U, rec.sync_fallbacks)
 			TH_LOG("round %d", round);
-		ASSERT_EQ(armed ? 0ULL : 1ULL, stats.two_pass_starts)
+		ASSERT_EQ(armed ? 0U : 1U, rec.two_pass_starts)
 			TH_LOG("round %d", round);
-		ASSERT_EQ(armed ? 0ULL : 1ULL, stats.two_pass_finishes)
+		ASSERT_EQ(armed ? 0U : 1U, rec.two_pass_finishes)
 			TH_LOG("round %d", round);
 		ASSERT_EQ(-EFAULT, hmm_cmd(fd, HMM_DMIRROR_READ, buf, mirror,
 					   npages, &cmd))
@@ -4665,7 +4890,7 @@ TEST_F(hmm_config, fail_next_finish)
 	close(fd);
 }
 
-#define HMM_MIXED_DEVICES	4
+#define HMM_MIXED_DEVICES	4U
 
 /*
  * Devices in both modes mirror one range of one process. MADV_DONTNEED of
@@ -4685,10 +4910,11 @@ TEST_F(hmm_config, mixed_modes)
 	size_t size = npages * self->page_size;
 	size_t hsize = half * self->page_size;
 	int fd[HMM_MIXED_DEVICES];
-	struct hmm_dmirror_stats stats;
+	struct hmm_dmirror_inval_record rec;
 	struct hmm_dmirror_cmd cmd;
 	char *buf, *mirror, why[128];
-	unsigned int d;
+	unsigned int d, op;
+	__u64 mark;
 
 	if (hmm_private_missing(HMM_MIXED_DEVICES, why, sizeof(why)))
 		SKIP(return, "%s", why);
@@ -4708,23 +4934,28 @@ TEST_F(hmm_config, mixed_modes)
 		ASSERT_EQ(0, hmm_cmd(fd[d], HMM_DMIRROR_READ, buf, mirror,
 				     npages, &cmd));
 		ASSERT_EQ(1ULL, cmd.faults);
-		ASSERT_EQ(0, hmm_stats_reset(fd[d]));
 	}
 
+	mark = hmm_inval_mark(fd[0]);
 	ASSERT_EQ(0, madvise(buf, hsize, MADV_DONTNEED));
 	ASSERT_EQ(0, munmap(buf + hsize, size - hsize));
 
-	for (d = 0; d < HMM_MIXED_DEVICES; d++) {
-		bool two_pass = d % 2;
-		int id = hmm_private_ids[d];
+	/* Each operation: every device told once, half of them in two passes. */
+	for (op = 0; op < 2; op++) {
+		ASSERT_EQ(0, hmm_inval_find(fd[0], buf + op * hsize, hsize,
+					    self->page_size, mark,
+					    op ? HMM_DMIRROR_EVENT_UNMAP :
+						 HMM_DMIRROR_EVENT_CLEAR,
+					    &rec)) TH_LOG("operation %u", op);
+		ASSERT_EQ(HMM_MIXED_DEVICES, rec.callbacks);
+		ASSERT_EQ(HMM_MIXED_DEVICES, rec.flushes);
+		ASSERT_EQ(HMM_MIXED_DEVICES / 2, rec.two_pass_starts);
+		ASSERT_EQ(HMM_MIXED_DEVICES / 2, rec.two_pass_finishes);
+		ASSERT_EQ(0U, rec.sync_fallbacks);
+	}
 
-		ASSERT_EQ(0, hmm_stats(fd[d], &stats));
-		ASSERT_EQ(2ULL, stats.flushes) TH_LOG("device %d", id);
-		ASSERT_EQ(two_pass ? 2ULL : 0ULL, stats.two_pass_starts)
-			TH_LOG("device %d", id);
-		ASSERT_EQ(two_pass ? 2ULL : 0ULL, stats.two_pass_finishes)
-			TH_LOG("device %d", id);
-		ASSERT_EQ(0ULL, stats.sync_fallbacks) TH_LOG("device %d", id);
+	for (d = 0; d < HMM_MIXED_DEVICES; d++) {
+		int id = hmm_private_ids[d];
 
 		memset(mirror, 0xa5, hsize);
 		ASSERT_EQ(0, hmm_cmd(fd[d], HMM_DMIRROR_READ, buf, mirror,
@@ -4948,9 +5179,10 @@ static int hmm_child_oom(const char *procs, unsigned int n, size_t page_size)
 /*
  * A process whose devices mirror its memory in two passes, with flushes
  * that take time, is killed by the OOM killer of its memory cgroup. The
- * kill is a plain SIGKILL, and the process leaves no notifier behind. The
- * OOM reaper's invalidations may not block, so the devices may refuse
- * them; the log says how many they did.
+ * kill is a plain SIGKILL, and the process leaves no notifier behind.
+ * Whether the OOM reaper gets to the process before it exits depends on
+ * timing, so the devices' refusals of its non-blockable invalidations are
+ * only reported here; reap_mirrored asserts them with process_mrelease().
  */
 TEST_F(hmm_config, oom_kill)
 {
@@ -5047,7 +5279,6 @@ static int hmm_stats_sum(const int *fd, unsigned int n,
 
 #define HMM_REAP_SLOW		4	/* devices that make munmap() slow */
 #define HMM_REAP_NPAGES		16
-#define HMM_REAP_WAIT_NS	(10000 * HMM_MS)
 
 /*
  * Body of the child of reap_mirrored: mirror buffer A on the first
@@ -5117,7 +5348,6 @@ TEST_F(hmm_config, reap_mirrored)
 	struct hmm_dmirror_stats sum;
 	unsigned int i, d;
 	char why[128];
-	__u64 t0;
 	pid_t pid;
 
 	if (hmm_private_missing(HMM_NPRIVATE, why, sizeof(why)))
@@ -5150,16 +5380,19 @@ TEST_F(hmm_config, reap_mirrored)
 		pidfd = syscall(__NR_pidfd_open, pid, 0);
 		ASSERT_LE(0, pidfd) TH_LOG("pidfd_open: %s", strerror(errno));
 
-		/* Wait for the munmap() of A to reach a slow device. */
-		t0 = hmm_now_ns();
-		do {
+		/*
+		 * Wait for the munmap() of A to reach a slow device; if it
+		 * never does, the harness's timeout fails the test.
+		 */
+		for (;;) {
 			ASSERT_EQ(0, waitpid(pid, &status, WNOHANG))
 				TH_LOG("%s: child exited, status 0x%x", name,
 				       status);
-			ASSERT_GT(HMM_REAP_WAIT_NS, hmm_now_ns() - t0)
-				TH_LOG("%s: the child did not unmap A", name);
 			ASSERT_EQ(0, hmm_stats_sum(fd, HMM_REAP_SLOW, &sum));
-		} while (!sum.invalidations[HMM_DMIRROR_EVENT_UNMAP]);
+			if (sum.invalidations[HMM_DMIRROR_EVENT_UNMAP])
+				break;
+			sched_yield();
+		}
 
 		ASSERT_EQ(0, kill(pid, SIGKILL));
 		err = syscall(__NR_process_mrelease, pidfd, 0) ? errno : 0;
