@@ -73,6 +73,7 @@
 #include <sched.h>
 #include <stdarg.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -5796,6 +5797,148 @@ TEST_F(hmm_config, settings_roundtrip)
 			TH_LOG("case %u: read back differs", i);
 	}
 	close(fd);
+}
+
+/* The first version of struct hmm_dmirror_stats ended here. */
+#define HMM_STATS_V1_SIZE	offsetof(struct hmm_dmirror_stats, fault_retries)
+
+/* HMM_DMIRROR_STATS for a caller whose structure has @size bytes. */
+#define HMM_DMIRROR_STATS_SIZED(size) \
+	_IOC(_IOC_READ, 'H', _IOC_NR(HMM_DMIRROR_STATS), (size))
+
+/*
+ * struct hmm_dmirror_stats grows at its end: a program built with an older,
+ * shorter structure gets its part, with the same values, and one built with
+ * a longer structure than the driver knows gets zeroes past the driver's.
+ */
+TEST_F(hmm_config, stats_sizes)
+{
+	const size_t size = sizeof(struct hmm_dmirror_stats);
+	unsigned char small[HMM_STATS_V1_SIZE + 8], large[size + 64];
+	struct hmm_dmirror_stats stats;
+	int fd;
+
+	fd = hmm_open(0);
+	ASSERT_LE(0, fd);
+	ASSERT_EQ(0, hmm_stats_reset(fd));
+	memset(small, 0xa5, sizeof(small));
+	memset(large, 0xa5, sizeof(large));
+	ASSERT_EQ(0, hmm_ioctl(fd, HMM_DMIRROR_STATS_SIZED(HMM_STATS_V1_SIZE),
+			       small));
+	ASSERT_EQ(0, hmm_ioctl(fd, HMM_DMIRROR_STATS_SIZED(sizeof(large)),
+			       large));
+	ASSERT_EQ(0, hmm_stats(fd, &stats));
+
+	/* Nothing ran in between: the same counters three times. */
+	ASSERT_EQ(0, memcmp(small, &stats, HMM_STATS_V1_SIZE));
+	ASSERT_EQ(-1, hmm_check_bytes(small + HMM_STATS_V1_SIZE, 8, 0xa5))
+		TH_LOG("written past the caller's structure");
+	ASSERT_EQ(0, memcmp(large, &stats, size));
+	ASSERT_EQ(-1, hmm_check_bytes(large + size, sizeof(large) - size, 0))
+		TH_LOG("not zeroed past the driver's structure");
+	close(fd);
+}
+
+/*
+ * HMM_DMIRROR_INVALIDATIONS refuses a bad range or buffer, reports only the
+ * caller's invalidations of the range it names, and copies no more records
+ * than the buffer holds.
+ */
+TEST_F(hmm_config, invalidations_query)
+{
+	const __u64 npages = 4;
+	size_t size = npages * self->page_size;
+	struct hmm_dmirror_inval_record recs[2];
+	struct hmm_dmirror_inval_query q;
+	struct hmm_dmirror_cmd cmd;
+	char *buf, *mirror;
+	unsigned int i;
+	__u64 mark;
+	int fd;
+
+	fd = hmm_open(0);
+	ASSERT_LE(0, fd);
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	ASSERT_NE(NULL, buf);
+	mirror = malloc(size);
+	ASSERT_NE(NULL, mirror);
+
+	memset(&q, 0, sizeof(q));
+	q.addr = (uintptr_t)buf + 1;
+	q.npages = npages;
+	EXPECT_EQ(-EINVAL, hmm_ioctl(fd, HMM_DMIRROR_INVALIDATIONS, &q));
+	q.addr = 0ULL - self->page_size;
+	q.npages = 2;
+	EXPECT_EQ(-EINVAL, hmm_ioctl(fd, HMM_DMIRROR_INVALIDATIONS, &q));
+	EXPECT_EQ(-EFAULT, hmm_ioctl(fd, HMM_DMIRROR_INVALIDATIONS, NULL));
+
+	/* Each page unmapped on its own: one invalidation each. */
+	hmm_fill(buf, size, 0x1a5);
+	ASSERT_EQ(0, hmm_cmd(fd, HMM_DMIRROR_READ, buf, mirror, npages, &cmd));
+	mark = hmm_inval_mark(fd);
+	for (i = 0; i < npages; i++)
+		ASSERT_EQ(0, munmap(buf + i * self->page_size,
+				    self->page_size));
+
+	memset(&q, 0, sizeof(q));
+	memset(recs, 0xa5, sizeof(recs));
+	q.addr = (uintptr_t)buf + self->page_size;
+	q.npages = 1;
+	q.since = mark;
+	q.ptr = (uintptr_t)recs;
+	q.nr_max = 2;
+	ASSERT_EQ(0, hmm_ioctl(fd, HMM_DMIRROR_INVALIDATIONS, &q));
+	ASSERT_EQ(1U, q.nr);
+	ASSERT_EQ(q.addr, recs[0].start);
+	ASSERT_EQ(q.addr + self->page_size, recs[0].end);
+	ASSERT_EQ((__u32)HMM_DMIRROR_EVENT_UNMAP, recs[0].event);
+	ASSERT_LT(mark, recs[0].seq);
+	ASSERT_LE(recs[0].seq, q.last);
+	ASSERT_EQ(-1, hmm_check_bytes(&recs[1], sizeof(recs[1]), 0xa5))
+		TH_LOG("a record past the range was copied");
+
+	/* All four, with room for two: four counted, two copied. */
+	memset(recs, 0xa5, sizeof(recs));
+	q.addr = (uintptr_t)buf;
+	q.npages = npages;
+	q.nr_max = 1;
+	ASSERT_EQ(0, hmm_ioctl(fd, HMM_DMIRROR_INVALIDATIONS, &q));
+	ASSERT_EQ(npages, q.nr);
+	ASSERT_EQ(q.addr, recs[0].start);
+	ASSERT_EQ(-1, hmm_check_bytes(&recs[1], sizeof(recs[1]), 0xa5))
+		TH_LOG("more records copied than nr_max");
+	free(mirror);
+	close(fd);
+}
+
+/*
+ * mmap() of a device maps zeroed kernel pages at once, as the kernel's own
+ * driver does: the device sees them mapped (read-only, as a mixed map)
+ * before anyone touched them. A mapping larger than the driver allows,
+ * which would take the mmap lock for long, is refused with EINVAL.
+ */
+TEST_F(hmm, mmap_device)
+{
+	const size_t max = 64UL << 20;	/* DMIRROR_MMAP_MAX_SIZE */
+	const __u64 npages = 4;
+	size_t size = npages * self->page_size;
+	unsigned char snap[4];
+	struct hmm_dmirror_cmd cmd;
+	char *p;
+
+	errno = 0;
+	p = mmap(NULL, max + self->page_size, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE, self->fd, 0);
+	ASSERT_EQ(MAP_FAILED, p);
+	ASSERT_EQ(EINVAL, errno);
+
+	p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, self->fd, 0);
+	ASSERT_NE(MAP_FAILED, p) TH_LOG("mmap: %s", strerror(errno));
+	ASSERT_EQ(0, hmm_cmd(self->fd, HMM_DMIRROR_SNAPSHOT, p, snap, npages,
+			     &cmd));
+	ASSERT_EQ(-1, hmm_check_bytes(snap, npages, HMM_DMIRROR_PROT_READ));
+	ASSERT_EQ(-1, hmm_check_bytes(p, size, 0));
+	ASSERT_EQ(0, munmap(p, size));
 }
 
 TEST_HARNESS_MAIN
