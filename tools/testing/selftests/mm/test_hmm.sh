@@ -27,7 +27,8 @@ Loads $DRIVER, runs hmm-tests and unloads $DRIVER. Must run as root.
                    "-r hmm.private0.anon_read" to run one
 
 Extra module parameters can be given as space-separated name=value pairs in
-the TEST_HMM_PARAMS environment variable.
+the TEST_HMM_PARAMS environment variable. NUMA balancing and proactive
+compaction are turned off while the tests run, and restored after.
 
 Examples:
   $0
@@ -61,6 +62,33 @@ module_available()
 unload_driver()
 {
 	modprobe -r "$DRIVER" || die "could not unload $DRIVER"
+}
+
+# Kernel activity that invalidates the tests' memory behind their back:
+# NUMA hinting faults and proactive compaction. The tests tell their own
+# invalidations from others where they can (the driver's record of
+# invalidations); what they count per device (notifiers, faults) could
+# still be moved by them, so they are off while the tests run.
+QUIET_KNOBS="/proc/sys/kernel/numa_balancing /proc/sys/vm/compaction_proactiveness"
+quiet_saved=
+
+quiet_kernel()
+{
+	for knob in $QUIET_KNOBS; do
+		[ -w "$knob" ] || continue
+		val=$(cat "$knob") || continue
+		[ "$val" = 0 ] && continue
+		echo 0 > "$knob" || continue
+		quiet_saved="$quiet_saved $knob=$val"
+	done
+}
+
+restore_kernel()
+{
+	for saved in $quiet_saved; do
+		echo "${saved#*=}" > "${saved%%=*}"
+	done
+	quiet_saved=
 }
 
 spm=
@@ -110,10 +138,12 @@ set -f
 modprobe "$DRIVER" $spm $TEST_HMM_PARAMS ||
 	die "could not load $DRIVER with parameters:$spm $TEST_HMM_PARAMS"
 set +f
-trap 'modprobe -r "$DRIVER"; exit 1' HUP INT TERM
+trap 'restore_kernel; modprobe -r "$DRIVER"; exit 1' HUP INT TERM
 
+quiet_kernel
 "$tests" "$@"
 ret=$?
+restore_kernel
 
 trap - HUP INT TERM
 unload_driver
