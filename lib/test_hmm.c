@@ -59,6 +59,12 @@
  *   device waits for the rest one by one: a real driver would batch the
  *   flushes of one invalidation per device instead.
  *
+ * The driver keeps a record of the last %HMM_DMIRROR_INVAL_RECORDS
+ * invalidations, one entry for all the callbacks of one invalidation on all
+ * devices: what they did, and how many flushes were submitted before the
+ * first was waited for. Tests read it (%HMM_DMIRROR_INVALIDATIONS) to prove
+ * the order of the two passes without timing anything.
+ *
  * Device accesses read device PTEs under the mirror's pt_lock, so a cleared
  * PTE is never used again even before its flush completes; the engine models
  * the time a real device needs, and the protocol a real driver must follow.
@@ -113,6 +119,9 @@
  * &dmirror_device.lock (a spinlock) protects the device's settings and its
  * pool of finish objects; it is taken from invalidation callbacks that may
  * not sleep.
+ *
+ * dmirror_log_lock (a spinlock) protects the record of invalidations; it is
+ * taken from invalidation callbacks, alone: nothing else is locked under it.
  *
  * &dmirror_device.chunk_lock (a mutex) serialises adding and evicting chunks
  * of device memory; &dmirror_device.mem_lock (a spinlock, irq-safe where a
