@@ -8,11 +8,29 @@
 # configuration, then our module and tests), pack (initramfs), boot (QEMU,
 # streaming TAP), report (kernel log scan, counts, exit code).
 #
+# Runs may share the cache at the same time (two terminals, make -j2 check,
+# two checkouts): what one run builds, the others wait for and reuse. The
+# locks, always taken in this order and held to the end of the run unless
+# said otherwise:
+#   apt/.lock              the private apt cache; exclusive, short
+#   src/<package>.lock     the unpacked Debian source: shared, exclusive
+#                          while it is replaced
+#   build/<name>/.test_hmm.lock
+#                          the kernel build: shared, exclusive while it is
+#                          configured and built, so that no kernel is rebuilt
+#                          under a running guest
+#   run/<name>/.lock       module, test programs, initramfs, logs of one
+#                          kernel: exclusive, one run at a time
+#
 # Exit codes fit `git bisect run`: 0 all passed (skips allowed), 1 a test
 # failed, timed out or the kernel splatted, 125 the kernel could not be built
 # or booted, 2 bad usage.
 
 set -euo pipefail
+
+# Run from make (make -j2 check), we would inherit its jobserver without its
+# descriptors, and every make here would warn: the builds set their own -j.
+unset MAKEFLAGS MFLAGS
 
 # The Debian kernel series used by default: 7.1 or later has the two-pass
 # mmu interval notifiers.
@@ -20,9 +38,11 @@ readonly KERNEL_SERIES_DEFAULT=7.3
 # Debian suites searched for linux-source-<series>, newest version wins.
 readonly KERNEL_SUITES="trixie-backports sid"
 
-readonly REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+readonly REPO
 readonly CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/test_hmm
-readonly T0=$(date +%s.%N)
+T0=$(date +%s.%N)
+readonly T0
 
 # Physical ranges reserved at boot for the two device-coherent devices.
 readonly SPM_SIZE=256M
@@ -32,6 +52,12 @@ readonly SPM_ADDR1=0x110000000
 # Guest result codes written to QEMU's isa-debug-exit port.
 readonly GUEST_PASS=1 GUEST_FAIL=2 GUEST_SKIP=3
 
+# Wall-clock limit of a boot, and how much slower the KASAN kernel runs.
+readonly TIMEOUT_DEFAULT=1200
+readonly KASAN_SLOWDOWN=3
+# Chance, in percent, that an allocation of the driver fails (--fault-inject).
+readonly FAULT_PERCENT_DEFAULT=10
+
 opt_series=$KERNEL_SERIES_DEFAULT
 opt_src=
 opt_tests=
@@ -39,10 +65,14 @@ opt_upstream=0
 opt_exec=
 opt_add=()
 opt_jobs=$(nproc)
-opt_timeout=1200
+opt_timeout=
 opt_lint=0
 opt_bench=0
 opt_upstream_tests=0
+opt_repeat=1
+opt_host_load=0
+opt_kasan=0
+opt_fault=
 
 usage() {
 	cat <<EOF
@@ -58,6 +88,19 @@ Options:
                        checkout); it is built out of tree, never written to
   --tests PATTERN      run only tests whose kselftest name
                        (fixture.variant.test) matches this extended regex
+  --repeat N           run the tests N times in one boot, the driver loaded
+                       afresh each time; then list the tests that failed
+                       in any of them ('name: F/N failed')
+  --kasan              use a kernel with KASAN, UBSAN and SLUB debugging
+                       (Kconfig.kasan on top of Kconfig.fragment), cached
+                       apart from the normal one
+  --fault-inject[=PERCENT]
+                       run the tests with the driver's allocations failing
+                       at random (default $FAULT_PERCENT_DEFAULT %); test failures are
+                       allowed, splats, leaks, hangs and a driver that does
+                       not unload are not
+  --host-load          keep 2 x nproc busy loops running on the host while
+                       the guest runs, to reproduce a loaded machine
   --upstream-driver    load the kernel tree's own test_hmm.ko instead of ours
   --bench              run the benchmark (hmm-bench) instead of the suite;
                        with --upstream-driver, also the tree's driver, in
@@ -67,7 +110,8 @@ Options:
                        --upstream-driver)
   --exec 'CMD'         run CMD in the guest (driver loaded) instead of the suite
   --add FILE           copy FILE into the guest's /add (on PATH); repeatable
-  --timeout SECONDS    wall-clock limit for boot and tests (default $opt_timeout)
+  --timeout SECONDS    wall-clock limit for boot and tests (default
+                       $TIMEOUT_DEFAULT, times $KASAN_SLOWDOWN with --kasan, times N with --repeat N)
   -j N                 build jobs (default $(nproc))
   --lint               static checks only: checkpatch --strict on our C
                        files and a W=1 module build that must be warning-free
@@ -97,6 +141,56 @@ die() {
 	exit "$code"
 }
 
+# --- Locks -----------------------------------------------------------------
+
+# Lock file -> the descriptor it is open on, for as long as the run lasts.
+declare -A LOCK_FDS=()
+
+# lock FILE MODE STEP WHAT STATE: flock(1) FILE in MODE (-s shared, -x
+# exclusive). When another run holds it, says so once, naming it by the PID
+# and state ("building", "in use", ...) that its holder wrote in the file,
+# and waits. Taking a lock held in the other mode converts it: only ever
+# downgrade that way (see MAKE_TRIES).
+lock() {
+	local file=$1 mode=$2 step=$3 what=$4 state=$5 fd pid='' doing=
+	fd=${LOCK_FDS[$file]:-}
+	if [ -z "$fd" ]; then
+		exec {fd}<>"$file"
+		LOCK_FDS[$file]=$fd
+	fi
+	if ! flock -n "$mode" "$fd"; then
+		read -r pid doing <"$file" || true
+		if [ -n "$pid" ]; then
+			progress "$step: waiting for $what (${doing:-busy}) in PID $pid"
+		else
+			progress "$step: waiting for $what, held by another run"
+		fi
+		flock "$mode" "$fd"
+	fi
+	echo "$$ $state" >"$file"
+}
+
+unlock() {
+	flock -u "${LOCK_FDS[$1]}"
+}
+
+# For processes that must not keep a lock should this run die first.
+close_lock_fds() {
+	local fd
+	for fd in "${LOCK_FDS[@]}"; do
+		exec {fd}>&-
+	done
+}
+
+# What one run makes and the others use (the Debian source, a kernel
+# build) is used under a shared lock held to the end of the run and made
+# under the exclusive one. Shared is never upgraded in place (two runs doing
+# that at once deadlock): it is released, exclusive taken, and the check
+# repeated, since another run may have made it meanwhile. Going back to
+# shared after making it is a downgrade (flock(2) converts the lock; another
+# run may get in between), so it is checked once more.
+readonly MAKE_TRIES=3
+
 # --- Options ---------------------------------------------------------------
 
 parse_args() {
@@ -106,6 +200,11 @@ parse_args() {
 		--kernel-src) opt_src=$(cd "${2:?}" && pwd) ||
 			die 2 "no such directory: $2"; shift ;;
 		--tests) opt_tests=${2:?}; shift ;;
+		--repeat) opt_repeat=${2:?}; shift ;;
+		--kasan) opt_kasan=1 ;;
+		--fault-inject) opt_fault=$FAULT_PERCENT_DEFAULT ;;
+		--fault-inject=*) opt_fault=${1#*=} ;;
+		--host-load) opt_host_load=1 ;;
 		--upstream-driver) opt_upstream=1 ;;
 		--exec) opt_exec=${2:?}; shift ;;
 		--add) [ -f "${2:?}" ] || die 2 "no such file: $2"
@@ -124,10 +223,27 @@ parse_args() {
 	[[ $opt_series =~ ^[0-9]+\.[0-9]+$ ]] ||
 		die 2 "--kernel-series wants X.Y, not '$opt_series'"
 	[[ $opt_jobs =~ ^[1-9][0-9]*$ ]] || die 2 "-j wants a number"
-	[[ $opt_timeout =~ ^[1-9][0-9]*$ ]] || die 2 "--timeout wants seconds"
+	[[ $opt_repeat =~ ^[1-9][0-9]*$ ]] || die 2 "--repeat wants a count"
+	if [ -n "$opt_timeout" ]; then
+		[[ $opt_timeout =~ ^[1-9][0-9]*$ ]] ||
+			die 2 "--timeout wants seconds"
+		TIMEOUT=$opt_timeout
+	else
+		TIMEOUT=$((TIMEOUT_DEFAULT * opt_repeat))
+		[ "$opt_kasan" = 0 ] || TIMEOUT=$((TIMEOUT * KASAN_SLOWDOWN))
+	fi
+	if [ -n "$opt_fault" ]; then
+		[[ $opt_fault =~ ^([1-9][0-9]?|100)$ ]] ||
+			die 2 "--fault-inject wants a percentage, 1 to 100"
+		if [ -n "$opt_exec" ] || [ "$opt_bench" = 1 ] ||
+		   [ "$opt_upstream_tests" = 1 ] || [ "$opt_upstream" = 1 ]; then
+			die 2 "--fault-inject runs our suite on our driver: not with --exec, --bench, --upstream-tests or --upstream-driver"
+		fi
+	fi
 	if [ "$opt_upstream_tests" = 1 ]; then
-		[ -z "$opt_exec" ] && [ "$opt_bench" = 0 ] ||
+		if [ -n "$opt_exec" ] || [ "$opt_bench" = 1 ]; then
 			die 2 "--upstream-tests goes with neither --exec nor --bench"
+		fi
 		opt_exec=upstream-hmm-tests
 	fi
 	if [ "$opt_bench" = 1 ]; then
@@ -146,6 +262,19 @@ rmmod test_hmm && modprobe test_hmm spm_addr_dev0=$SPM_ADDR0 spm_addr_dev1=$SPM_
 	fi
 	if [ -n "$opt_tests" ] && [ -n "$opt_exec" ]; then
 		die 2 "--tests goes with neither --exec nor --bench"
+	fi
+	# What the guest runs: see guest_init.
+	if [ -n "$opt_fault" ]; then
+		GUEST_MODE='fault'
+	elif [ -n "$opt_exec" ]; then
+		GUEST_MODE='exec'
+	else
+		GUEST_MODE='suite'
+	fi
+	FRAGMENTS=("$REPO/Kconfig.fragment")
+	if [ "$opt_kasan" = 1 ]; then
+		[ -f "$REPO/Kconfig.kasan" ] || die 2 "--kasan needs $REPO/Kconfig.kasan"
+		FRAGMENTS+=("$REPO/Kconfig.kasan")
 	fi
 	return 0
 }
@@ -167,6 +296,7 @@ xz xz-utils
 depmod kmod
 perl perl
 rsync rsync
+flock util-linux
 /usr/include/libelf.h libelf-dev
 /usr/include/openssl/ssl.h libssl-dev
 /usr/lib/x86_64-linux-gnu/libc.a libc6-dev
@@ -188,19 +318,25 @@ missing_packages() {
 }
 
 install_deps() {
-	local missing
-	missing=$(missing_packages | sort -u | tr '\n' ' ')
-	[ -n "${missing// /}" ] || return 0
+	local missing=()
+	[ -n "$(missing_packages)" ] || return 0
 	if [ "$(id -u)" -ne 0 ]; then
 		die 125 "missing packages; install them with:
-  sudo apt-get install -y --no-install-recommends $missing"
+  sudo apt-get install -y --no-install-recommends $(missing_packages | sort -u | tr '\n' ' ')"
 	fi
-	progress "deps: installing $missing"
-	DEBIAN_FRONTEND=noninteractive apt-get update -q >"$CACHE/apt-install.log" 2>&1 &&
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-		--no-install-recommends $missing \
-		>>"$CACHE/apt-install.log" 2>&1 ||
-		die 125 "apt-get install $missing failed; see $CACHE/apt-install.log"
+	# One installer at a time; the first may install what the second needs.
+	lock "$CACHE/apt/.lock" -x deps "the package installation" installing
+	mapfile -t missing < <(missing_packages | sort -u)
+	if [ ${#missing[@]} -gt 0 ]; then
+		progress "deps: installing ${missing[*]}"
+		if ! { DEBIAN_FRONTEND=noninteractive apt-get update -q &&
+		       DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+				--no-install-recommends "${missing[@]}"; } \
+			>"$CACHE/apt-install.log" 2>&1; then
+			die 125 "apt-get install ${missing[*]} failed; see $CACHE/apt-install.log"
+		fi
+	fi
+	unlock "$CACHE/apt/.lock"
 }
 
 # --- Step: fetch -----------------------------------------------------------
@@ -216,7 +352,8 @@ debian_mirror() {
 }
 
 # apt-get and apt-cache with a private configuration under the cache
-# directory: the system's sources are neither read nor changed.
+# directory: the system's sources are neither read nor changed. Callers hold
+# apt/.lock.
 private_apt() {
 	local tool=$1
 	shift
@@ -254,45 +391,82 @@ newest_debian_version() {
 	echo "$best"
 }
 
+# Is $SRC_DIR the unpacked $SRC_PKG $SRC_VERSION?
+source_up_to_date() {
+	[ "$(cat "$SRC_DIR.version" 2>/dev/null)" = "$SRC_VERSION" ] &&
+		[ -f "$SRC_DIR/Makefile" ]
+}
+
+# Replaces $SRC_DIR with $SRC_PKG $SRC_VERSION; holds src/<package>.lock
+# exclusive.
+unpack_source() {
+	local deb tmp
+	progress "fetch: downloading $SRC_PKG $SRC_VERSION"
+	lock "$CACHE/apt/.lock" -x fetch "the apt cache" downloading
+	rm -f "$CACHE/apt/archives/${SRC_PKG}_"*.deb
+	(cd "$CACHE/apt/archives" &&
+	 private_apt apt-get download "$SRC_PKG=$SRC_VERSION") \
+		>"$CACHE/apt/download.log" 2>&1 ||
+		die 125 "download of $SRC_PKG failed; see $CACHE/apt/download.log"
+	unlock "$CACHE/apt/.lock"
+	deb=$(find "$CACHE/apt/archives" -maxdepth 1 -name "${SRC_PKG}_*.deb" |
+	      head -n 1)
+	progress "fetch: unpacking $SRC_PKG $SRC_VERSION"
+	rm -f "$SRC_DIR.version"
+	rm -rf "$SRC_DIR"
+	tmp=$(mktemp -d "$CACHE/src/.deb.XXXXXX")
+	dpkg -x "$deb" "$tmp"
+	tar -C "$CACHE/src" -xJf "$tmp/usr/src/$SRC_PKG.tar.xz"
+	rm -rf "$tmp" "$deb"
+	echo "$SRC_VERSION" >"$SRC_DIR.version"
+}
+
+# Makes $SRC_DIR up to date if needed, then uses it under a shared lock.
+source_locked_up_to_date() {
+	local lockf=$SRC_DIR.lock what="the source $SRC_PKG" try=0
+	lock "$lockf" -s fetch "$what" "in use"
+	while ! source_up_to_date; do
+		try=$((try + 1))
+		[ $try -le $MAKE_TRIES ] ||
+			die 125 "$what keeps being replaced by other runs"
+		unlock "$lockf"
+		lock "$lockf" -x fetch "$what" unpacking
+		source_up_to_date || unpack_source
+		lock "$lockf" -s fetch "$what" "in use"
+	done
+}
+
 # Sets KSRC to an unpacked linux-source-<series> and KSRC_ID to its version.
 fetch_debian_source() {
-	local pkg=linux-source-$opt_series version deb dir
-	dir=$CACHE/src/$pkg
+	SRC_PKG=linux-source-$opt_series
+	SRC_DIR=$CACHE/src/$SRC_PKG
+	mkdir -p "$CACHE/src"
+	lock "$CACHE/apt/.lock" -x fetch "the apt cache" "in use"
 	private_apt_update
-	version=$(newest_debian_version "$pkg")
-	[ -n "$version" ] || die 125 "Debian has no $pkg in $KERNEL_SUITES"
-	if [ "$(cat "$dir.version" 2>/dev/null)" != "$version" ]; then
-		progress "fetch: downloading $pkg $version"
-		(cd "$CACHE/apt/archives" &&
-		 private_apt apt-get download "$pkg=$version") \
-			>"$CACHE/apt/download.log" 2>&1 ||
-			die 125 "download of $pkg failed; see $CACHE/apt/download.log"
-		deb=$(ls "$CACHE/apt/archives/${pkg}_"*.deb | head -n 1)
-		progress "fetch: unpacking $pkg $version"
-		rm -rf "$dir" "$CACHE/src/deb"
-		mkdir -p "$CACHE/src/deb"
-		dpkg -x "$deb" "$CACHE/src/deb"
-		tar -C "$CACHE/src" -xJf "$CACHE/src/deb/usr/src/$pkg.tar.xz"
-		rm -rf "$CACHE/src/deb" "$deb"
-		echo "$version" >"$dir.version"
-	fi
-	KSRC=$dir
-	KSRC_ID="debian $pkg $version"
+	SRC_VERSION=$(newest_debian_version "$SRC_PKG")
+	unlock "$CACHE/apt/.lock"
+	[ -n "$SRC_VERSION" ] || die 125 "Debian has no $SRC_PKG in $KERNEL_SUITES"
+	source_locked_up_to_date
+	KSRC=$SRC_DIR
+	KSRC_ID="debian $SRC_PKG $SRC_VERSION"
 	BUILD_NAME=debian-$opt_series
 }
 
 fetch() {
-	mkdir -p "$CACHE"
+	mkdir -p "$CACHE/apt"
 	install_deps
 	if [ -n "$opt_src" ]; then
-		[ -f "$opt_src/Makefile" ] && [ -d "$opt_src/mm" ] ||
+		if [ ! -f "$opt_src/Makefile" ] || [ ! -d "$opt_src/mm" ]; then
 			die 125 "$opt_src is not a kernel tree"
+		fi
 		KSRC=$opt_src
 		KSRC_ID="tree $opt_src at $(source_tree_state "$opt_src")"
 		BUILD_NAME=$(basename "$opt_src")-$(echo "$opt_src" | sha1sum | cut -c1-8)
 	else
 		fetch_debian_source
 	fi
+	# The variant kernel has its own build, module and run directories.
+	[ "$opt_kasan" = 0 ] || BUILD_NAME+=-kasan
 	KBUILD=$CACHE/build/$BUILD_NAME
 	mkdir -p "$KBUILD"
 	progress "fetch: kernel source $KSRC_ID"
@@ -315,58 +489,72 @@ source_tree_state() {
 # --- Step: configure -------------------------------------------------------
 
 config_hash() {
-	# The recipe: tinyconfig + fragment, and this function's version.
-	{ echo "tinyconfig+fragment v1"; cat "$REPO/Kconfig.fragment"; } |
-		sha1sum | cut -c1-16
+	# The recipe: tinyconfig + fragment(s), and this function's version.
+	# Kconfig.fragment alone hashes as it always did.
+	{
+		echo "tinyconfig+fragment v1"
+		cat "$REPO/Kconfig.fragment"
+		if [ "$opt_kasan" = 1 ]; then
+			echo "+Kconfig.kasan"
+			cat "$REPO/Kconfig.kasan"
+		fi
+	} | sha1sum | cut -c1-16
 }
 
-# Every CONFIG_X=v and "# CONFIG_X is not set" of the fragment, as X=v.
+# Every CONFIG_X=v and "# CONFIG_X is not set" of the fragments, as X=v;
+# when several set a symbol, the last one wins, as in merge_config.sh.
 fragment_symbols() {
 	sed -nE -e 's/^(CONFIG_[A-Za-z0-9_]+)=(.*)$/\1=\2/p' \
 		-e 's/^# (CONFIG_[A-Za-z0-9_]+) is not set$/\1=n/p' \
-		"$REPO/Kconfig.fragment"
+		"${FRAGMENTS[@]}" |
+		awk '{
+			i = index($0, "="); sym = substr($0, 1, i - 1);
+			if (!(sym in val)) order[n++] = sym;
+			val[sym] = substr($0, i + 1);
+		}
+		END { for (i = 0; i < n; i++) print order[i] "=" val[order[i]] }'
 }
 
 check_config() {
 	local line sym want got bad=
-	for line in $(fragment_symbols); do
+	while read -r line; do
 		sym=${line%%=*}
 		want=${line#*=}
 		got=$(sed -nE "s/^$sym=(.*)$/\1/p" "$KBUILD/.config")
 		[ -n "$got" ] || got=n
 		[ "$got" = "$want" ] || bad+=" $sym=$want(got $got)"
-	done
+	done < <(fragment_symbols)
 	[ -z "$bad" ] || die 125 "configuration lacks:$bad; see $KBUILD/config.log"
 }
 
 configure() {
-	local hash
-	hash=$(config_hash)
 	if [ -f "$KBUILD/.config" ] &&
-	   [ "$(cat "$KBUILD/.test_hmm-config" 2>/dev/null)" = "$hash" ]; then
+	   [ "$(cat "$KBUILD/.test_hmm-config" 2>/dev/null)" = "$CONFIG_HASH" ]; then
 		return 0
 	fi
-	progress "configure: tinyconfig + Kconfig.fragment in $KBUILD"
+	progress "configure: tinyconfig + ${FRAGMENTS[*]##*/} in $KBUILD"
+	rm -f "$KBUILD/.test_hmm-config" "$KBUILD/.test_hmm-built"
 	{
 		make -C "$KSRC" O="$KBUILD" tinyconfig &&
 		"$KSRC/scripts/kconfig/merge_config.sh" -m -O "$KBUILD" \
-			"$KBUILD/.config" "$REPO/Kconfig.fragment" &&
+			"$KBUILD/.config" "${FRAGMENTS[@]}" &&
 		make -C "$KSRC" O="$KBUILD" olddefconfig
 	} >"$KBUILD/config.log" 2>&1 ||
 		die 125 "configuration failed; see $KBUILD/config.log"
 	check_config
-	echo "$hash" >"$KBUILD/.test_hmm-config"
+	echo "$CONFIG_HASH" >"$KBUILD/.test_hmm-config"
 }
 
 # --- Step: build -----------------------------------------------------------
 
+kernel_up_to_date() {
+	[ -f "$KBUILD/arch/x86/boot/bzImage" ] &&
+	[ -f "$KBUILD/.config" ] &&
+	[ "$(cat "$KBUILD/.test_hmm-config" 2>/dev/null)" = "$CONFIG_HASH" ] &&
+	[ "$(cat "$KBUILD/.test_hmm-built" 2>/dev/null)" = "$KSRC_ID $CONFIG_HASH" ]
+}
+
 build_kernel() {
-	local stamp="$KSRC_ID $(config_hash)"
-	if [ -f "$KBUILD/arch/x86/boot/bzImage" ] &&
-	   [ "$(cat "$KBUILD/.test_hmm-built" 2>/dev/null)" = "$stamp" ]; then
-		progress "build: kernel up to date ($KBUILD)"
-		return 0
-	fi
 	rm -f "$KBUILD/.test_hmm-built"
 	progress "build: kernel with -j$opt_jobs (log: $KBUILD/build.log)"
 	make -C "$KSRC" O="$KBUILD" -j"$opt_jobs" bzImage modules \
@@ -375,8 +563,40 @@ build_kernel() {
 	make -C "$KSRC" O="$KBUILD" headers_install \
 		INSTALL_HDR_PATH="$KBUILD/usr" >>"$KBUILD/build.log" 2>&1 ||
 		die 125 "headers_install failed; see $KBUILD/build.log"
-	echo "$stamp" >"$KBUILD/.test_hmm-built"
+	echo "$KSRC_ID $CONFIG_HASH" >"$KBUILD/.test_hmm-built"
 	progress "build: kernel done"
+}
+
+# The configure step and the kernel build, under the kernel's lock: whoever
+# finds the kernel out of date builds it, the others wait; the kernel is
+# then used under a shared lock until the run ends.
+kernel() {
+	local lockf=$KBUILD/.test_hmm.lock what="the kernel build/$BUILD_NAME"
+	local try=0 built=0
+	CONFIG_HASH=$(config_hash)
+	lock "$lockf" -s build "$what" "in use"
+	while ! kernel_up_to_date; do
+		try=$((try + 1))
+		[ $try -le $MAKE_TRIES ] ||
+			die 125 "$what keeps being rebuilt by other runs"
+		unlock "$lockf"
+		lock "$lockf" -x build "$what" building
+		if ! kernel_up_to_date; then
+			configure
+			build_kernel
+			built=1
+		fi
+		lock "$lockf" -s build "$what" "in use"
+	done
+	[ $built = 1 ] || progress "build: kernel up to date ($KBUILD)"
+}
+
+# Module, test programs, initramfs and logs of one kernel live in
+# module/<name> and run/<name>: one run at a time, from here to the end.
+lock_run_dir() {
+	local dir=$CACHE/run/$BUILD_NAME
+	mkdir -p "$dir"
+	lock "$dir/.lock" -x build "run/$BUILD_NAME" running
 }
 
 # Copy a file only when its content changed, so make sees what is new.
@@ -428,7 +648,9 @@ build_tests() {
 }
 
 build() {
-	build_kernel
+	kernel
+	lock_run_dir
+	[ "$opt_lint" = 1 ] && return 0
 	build_module
 	build_tests
 	KREL=$(cat "$KBUILD/include/config/kernel.release")
@@ -462,22 +684,15 @@ lint() {
 	bash -n "$REPO/run_vm.sh" || rc=1
 	sh -n "$REPO/tools/testing/selftests/mm/test_hmm.sh" || rc=1
 	bash -n "$REPO/.ci/run" || rc=1
-	[ $rc = 0 ] && progress "lint: clean" || progress "lint: FAILED"
+	if [ $rc = 0 ]; then
+		progress "lint: clean"
+	else
+		progress "lint: FAILED"
+	fi
 	return $rc
 }
 
 # --- Step: pack ------------------------------------------------------------
-
-# Runs of one kernel share their run directory: one at a time.
-lock_run_dir() {
-	local dir=$CACHE/run/$BUILD_NAME
-	mkdir -p "$dir"
-	exec 9>"$dir/.lock"
-	if ! flock -n 9; then
-		progress "pack: waiting for another run using $dir"
-		flock 9
-	fi
-}
 
 # kselftest names (fixture.variant.test) listed by the harness's -l table.
 list_tests() {
@@ -502,7 +717,7 @@ list_tests() {
 		END { flush() }'
 }
 
-# Harness arguments that select the tests matching --tests.
+# The names of the tests matching --tests, one a line; nothing for all.
 select_tests() {
 	local names
 	[ -n "$opt_tests" ] || return 0
@@ -510,14 +725,34 @@ select_tests() {
 	[ -n "$names" ] || die 2 "no test matches '$opt_tests'; names are:
 $(list_tests)"
 	progress "pack: $(echo "$names" | wc -l) tests match '$opt_tests'"
-	printf -- '-r %s ' $names
+	echo "$names"
 }
 
-write_init() {
-	local harness_args=$1
-	cat <<EOF
+# NAME='VALUE' for a POSIX shell.
+env_line() {
+	local q="'\\''"
+	printf "%s='%s'\n" "$1" "${2//\'/$q}"
+}
+
+# The guest's settings, sourced by its init.
+write_guest_env() {
+	env_line MODE "$GUEST_MODE"
+	env_line REPEAT "$opt_repeat"
+	env_line SPM_ADDR0 "$SPM_ADDR0"
+	env_line SPM_ADDR1 "$SPM_ADDR1"
+	env_line FAULT_PERCENT "${opt_fault:-0}"
+	env_line GUEST_PASS "$GUEST_PASS"
+	env_line GUEST_FAIL "$GUEST_FAIL"
+	env_line GUEST_SKIP "$GUEST_SKIP"
+}
+
+# The guest's init, the same for every run: what varies is in
+# /test_hmm.env (write_guest_env), /tests.list (select_tests) and
+# /add/.exec (--exec). Lines starting "test_hmm-" are read by report.
+guest_init() {
+	cat <<'EOF'
 #!/bin/busybox sh
-# Guest init: generated by run_vm.sh.
+# Guest init, written by run_vm.sh; the run's settings are in /test_hmm.env.
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin:/usr/share/kselftest/mm:/add
 mount -t proc proc /proc
@@ -528,41 +763,104 @@ mount -t tmpfs tmpfs /tmp
 mkdir -p /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup
 # Results go to the second serial port; the kernel keeps the first.
 exec >/dev/ttyS1 2>&1
-echo "test_hmm-guest: started on \$(uname -r)"
+. /test_hmm.env
+echo "test_hmm-guest: started on $(uname -r)"
+KMEMLEAK=/sys/kernel/debug/kmemleak
 # Leaks found at boot are not ours: report them once, then forget them.
-if [ -w /sys/kernel/debug/kmemleak ]; then
-	echo scan >/sys/kernel/debug/kmemleak
-	echo clear >/sys/kernel/debug/kmemleak
+if [ -w $KMEMLEAK ]; then
+	echo scan >$KMEMLEAK
+	echo clear >$KMEMLEAK
 fi
+
+load_driver() {
+	modprobe test_hmm spm_addr_dev0=$SPM_ADDR0 spm_addr_dev1=$SPM_ADDR1
+}
+
+# The suite: test_hmm.sh loads the driver, runs hmm-tests, unloads it.
+run_suite() {
+	./test_hmm.sh smoke $SPM_ADDR0 $SPM_ADDR1 -- "$@"
+}
+
+# --exec: the command, with the driver loaded.
+run_exec() {
+	load_driver || return 1
+	(cd /add && sh /add/.exec)
+	r=$?
+	modprobe -r test_hmm || r=1
+	return $r
+}
+
+# --fault-inject: hmm-tests with the driver's allocations failing at
+# random. Test failures are expected; the host judges the rest from the
+# "test_hmm-fault:" lines and the kernel log.
+run_fault() {
+	fail=/sys/kernel/debug/fail_test_hmm
+	load_driver || return 1
+	if [ ! -d $fail ]; then
+		echo "test_hmm-fault: no-debugfs $fail"
+		modprobe -r test_hmm
+		return 1
+	fi
+	echo -1 >$fail/times
+	echo 1 >$fail/interval
+	echo 0 >$fail/space
+	echo 0 >$fail/verbose
+	echo "$FAULT_PERCENT" >$fail/probability
+	echo "test_hmm-fault: probability $FAULT_PERCENT %"
+	./hmm-tests "$@"
+	echo "test_hmm-fault: hmm-tests exit $?"
+	echo 0 >$fail/probability
+	echo "test_hmm-fault: injected $(cat $fail/injected)"
+	if ! modprobe -r test_hmm; then
+		echo "test_hmm-fault: unload failed"
+		return 1
+	fi
+	echo "test_hmm-fault: unloaded"
+}
+
 cd /usr/share/kselftest/mm
-$(if [ -n "$opt_exec" ]; then
-	echo "rc=1"
-	echo "modprobe test_hmm spm_addr_dev0=$SPM_ADDR0 spm_addr_dev1=$SPM_ADDR1 && {"
-	echo "	(cd /add && sh /add/.exec); rc=\$?"
-	echo "	modprobe -r test_hmm || rc=1; }"
-else
-	echo "./test_hmm.sh smoke $SPM_ADDR0 $SPM_ADDR1 -- $harness_args; rc=\$?"
-fi)
-if [ -w /sys/kernel/debug/kmemleak ]; then
+set --
+if [ -f /tests.list ]; then
+	while read -r name; do
+		set -- "$@" -r "$name"
+	done </tests.list
+fi
+# The run fails if any repetition does; it skips if one skips and none
+# fails.
+rc=0
+i=1
+while [ $i -le "$REPEAT" ]; do
+	[ "$REPEAT" = 1 ] || echo "# test_hmm-guest: repetition $i of $REPEAT"
+	"run_$MODE" "$@"
+	r=$?
+	case $r in
+	0) ;;
+	4) [ $rc != 0 ] || rc=4 ;;
+	*) rc=$r ;;
+	esac
+	i=$((i + 1))
+done
+
+if [ -w $KMEMLEAK ]; then
 	# kmemleak reports only objects older than 5 s.
 	sleep 6
-	echo scan >/sys/kernel/debug/kmemleak
-	cat /sys/kernel/debug/kmemleak >/dev/ttyS0
+	echo scan >$KMEMLEAK
+	cat $KMEMLEAK >/dev/ttyS0
 fi
-echo "test_hmm-guest: finished rc=\$rc"
-case \$rc in
+echo "test_hmm-guest: finished rc=$rc"
+case $rc in
 0) code=$GUEST_PASS ;;
 4) code=$GUEST_SKIP ;;
 *) code=$GUEST_FAIL ;;
 esac
-printf "\\\\\$(printf %o \$code)" | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
+printf "\\$(printf %o $code)" | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
 poweroff -f
 EOF
 }
 
 pack() {
-	local root=$CACHE/run/$BUILD_NAME/root harness_args f
-	harness_args=$(select_tests)
+	local root=$CACHE/run/$BUILD_NAME/root names f
+	names=$(select_tests)
 	rm -rf "$root"
 	mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,add,usr/share/kselftest/mm} \
 		"$root/lib/modules/$KREL/kernel/lib"
@@ -584,7 +882,9 @@ pack() {
 	if [ "$opt_bench" = 2 ]; then
 		cp "$KBUILD/lib/test_hmm.ko" "$root/add/test_hmm_upstream.ko"
 	fi
-	write_init "$harness_args" >"$root/init"
+	[ -z "$names" ] || echo "$names" >"$root/tests.list"
+	write_guest_env >"$root/test_hmm.env"
+	guest_init >"$root/init"
 	chmod +x "$root/init"
 	INITRD=$CACHE/run/$BUILD_NAME/initramfs.cpio.gz
 	(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$INITRD"
@@ -592,17 +892,18 @@ pack() {
 
 # --- Step: boot ------------------------------------------------------------
 
+# Sets QEMU_ARGS to what every boot has in common.
 qemu_base_args() {
 	# One socket per node: CPUs sharing a cache across nodes make the
 	# scheduler's topology check WARN.
-	echo -machine pc -smp 2,sockets=2,cores=1,threads=1 -m 4G \
-		-object memory-backend-ram,id=m0,size=2G \
-		-object memory-backend-ram,id=m1,size=2G \
-		-numa node,nodeid=0,cpus=0,memdev=m0 \
-		-numa node,nodeid=1,cpus=1,memdev=m1 \
-		-display none -monitor none -no-reboot \
-		-device isa-debug-exit,iobase=0xf4,iosize=0x04 \
-		-kernel "$KBUILD/arch/x86/boot/bzImage"
+	QEMU_ARGS=(-machine pc -smp "2,sockets=2,cores=1,threads=1" -m 4G
+		-object "memory-backend-ram,id=m0,size=2G"
+		-object "memory-backend-ram,id=m1,size=2G"
+		-numa "node,nodeid=0,cpus=0,memdev=m0"
+		-numa "node,nodeid=1,cpus=1,memdev=m1"
+		-display none -monitor none -no-reboot
+		-device "isa-debug-exit,iobase=0xf4,iosize=0x04"
+		-kernel "$KBUILD/arch/x86/boot/bzImage")
 }
 
 # KVM is used only when a short probe boot reaches user space; on hosts where
@@ -612,8 +913,10 @@ pick_accel() {
 	ACCEL=tcg
 	[ -w /dev/kvm ] || return 0
 	boot_id=$(cat /proc/sys/kernel/random/boot_id)
+	lock "$CACHE/kvm-probe.lock" -x boot "the KVM probe" probing
 	if [ "$(sed -n 1p "$cache" 2>/dev/null)" = "$boot_id" ]; then
 		ACCEL=$(sed -n 2p "$cache")
+		unlock "$CACHE/kvm-probe.lock"
 		return 0
 	fi
 	progress "boot: probing KVM"
@@ -626,7 +929,7 @@ pick_accel() {
 	echo "$probe_init" >"$dir/init"
 	chmod +x "$dir/init"
 	(cd "$dir" && find . | cpio -o -H newc --quiet | gzip -1) >"$dir.cpio.gz"
-	if timeout -k 2 20 qemu-system-x86_64 $(qemu_base_args) -accel kvm \
+	if timeout -k 2 20 qemu-system-x86_64 "${QEMU_ARGS[@]}" -accel kvm \
 		-cpu host -initrd "$dir.cpio.gz" -serial stdio \
 		-append "console=ttyS0 panic=-1 quiet" </dev/null 2>/dev/null |
 		grep -q test_hmm-kvm-probe-ok; then
@@ -634,19 +937,54 @@ pick_accel() {
 	fi
 	rm -rf "$dir" "$dir.cpio.gz"
 	printf '%s\n%s\n' "$boot_id" "$ACCEL" >"$cache"
+	unlock "$CACHE/kvm-probe.lock"
+}
+
+loadavg() {
+	cut -d' ' -f1-3 /proc/loadavg
+}
+
+HOST_LOAD_PIDS=()
+
+# --host-load: 2 x nproc busy loops until the boot step ends. Each is
+# stopped by stop_host_load (also on exit and on INT/TERM) and, should that
+# never run, by timeout(1) shortly after the guest's own time limit.
+start_host_load() {
+	local n i secs=$((TIMEOUT + 60))
+	n=$((2 * $(nproc)))
+	trap stop_host_load EXIT
+	trap 'stop_host_load; exit 130' INT
+	trap 'stop_host_load; exit 143' TERM
+	for ((i = 0; i < n; i++)); do
+		(close_lock_fds
+		 exec timeout -k 5 "$secs" sh -c 'while :; do :; done') &
+		HOST_LOAD_PIDS+=("$!")
+	done
+	progress "boot: host load: $n busy loops (for at most ${secs}s); load average $(loadavg)"
+}
+
+stop_host_load() {
+	[ ${#HOST_LOAD_PIDS[@]} -gt 0 ] || return 0
+	kill "${HOST_LOAD_PIDS[@]}" 2>/dev/null || true
+	wait "${HOST_LOAD_PIDS[@]}" 2>/dev/null || true
+	HOST_LOAD_PIDS=()
 }
 
 boot() {
 	local rundir=$CACHE/run/$BUILD_NAME cpu=max rc
 	CONSOLE_LOG=$rundir/console.log
 	RESULTS_LOG=$rundir/results.log
+	qemu_base_args
 	pick_accel
 	[ "$ACCEL" = kvm ] && cpu=host
-	progress "boot: QEMU ($ACCEL), timeout ${opt_timeout}s"
+	[ "$opt_host_load" = 0 ] || start_host_load
+	progress "boot: QEMU ($ACCEL), timeout ${TIMEOUT}s"
 	progress "boot: console log $CONSOLE_LOG"
 	: >"$CONSOLE_LOG"
+	# --foreground: QEMU stays in our process group, so that ^C stops it.
 	set +e
-	timeout -k 5 "$opt_timeout" qemu-system-x86_64 $(qemu_base_args) \
+	timeout --foreground -k 5 "$TIMEOUT" qemu-system-x86_64 \
+		"${QEMU_ARGS[@]}" \
 		-accel "$ACCEL" -cpu "$cpu" -initrd "$INITRD" \
 		-serial "file:$CONSOLE_LOG" -serial stdio \
 		-append "console=ttyS0 panic=-1 loglevel=7 \
@@ -656,6 +994,10 @@ memmap=$SPM_SIZE\$$SPM_ADDR0 memmap=$SPM_SIZE\$$SPM_ADDR1" \
 	rc=${PIPESTATUS[0]}
 	set -e
 	QEMU_RC=$rc
+	if [ "$opt_host_load" = 1 ]; then
+		progress "boot: host load average $(loadavg) at the end; stopping the busy loops"
+		stop_host_load
+	fi
 }
 
 # --- Step: report ----------------------------------------------------------
@@ -680,71 +1022,148 @@ print_splats() {
 	done >&2
 }
 
-report() {
-	local pass fail skip code running
-	pass=$(grep -cE '^ok [0-9]+ ' "$RESULTS_LOG" || true)
-	skip=$(grep -cE '^ok [0-9]+ .*# SKIP' "$RESULTS_LOG" || true)
-	fail=$(grep -cE '^not ok [0-9]+ ' "$RESULTS_LOG" || true)
-	pass=$((pass - skip))
-	code=0
+# verdict ok|fail TEXT: one check of the run, counted in the closing line.
+verdict() {
+	if [ "$1" = ok ]; then
+		echo "ok - $2"
+		N_PASS=$((N_PASS + 1))
+	else
+		echo "not ok - $2"
+		N_FAIL=$((N_FAIL + 1))
+	fi
+}
 
+# TAP lines of the guest: sets TAP_PASS, TAP_FAIL, TAP_SKIP.
+count_tap() {
+	TAP_PASS=$(grep -cE '^ok [0-9]+ ' "$RESULTS_LOG" || true)
+	TAP_SKIP=$(grep -cE '^ok [0-9]+ .*# SKIP' "$RESULTS_LOG" || true)
+	TAP_FAIL=$(grep -cE '^not ok [0-9]+ ' "$RESULTS_LOG" || true)
+	TAP_PASS=$((TAP_PASS - TAP_SKIP))
+}
+
+# Fails a check when the guest did not end by itself: timed out (naming the
+# test that was running) or died without reporting. Only the guest's init
+# can make QEMU exit with an odd status.
+check_guest_end() {
+	local running
+	if [ "$QEMU_RC" = 124 ] || [ "$QEMU_RC" = 137 ]; then
+		running=$(grep -oE '^#  RUN +[^ ]+' "$RESULTS_LOG" | tail -n 1 |
+			  awk '{ print $3 }' || true)
+		verdict fail "timeout after ${TIMEOUT}s while running ${running:-the command}"
+		return 1
+	fi
+	if [ $((QEMU_RC & 1)) != 1 ] || [ $((QEMU_RC >> 1)) -lt $GUEST_PASS ]; then
+		verdict fail "the guest died before reporting (QEMU exit $QEMU_RC)"
+		return 1
+	fi
+}
+
+# --repeat: the tests that failed in at least one repetition, with how many
+# times they failed out of how many times they ran.
+repeat_table() {
+	local table
+	table=$(awk '
+		/^ok [0-9]+ / { runs[$3]++ }
+		/^not ok [0-9]+ / { runs[$4]++; failed[$4]++ }
+		END {
+			for (t in failed)
+				printf "%s: %d/%d failed\n", t, failed[t], runs[t]
+		}' "$RESULTS_LOG" | sort)
+	if [ -n "$table" ]; then
+		echo "# tests that failed in any of the $opt_repeat repetitions:"
+		echo "$table"
+	else
+		echo "# no test failed in any of the $opt_repeat repetitions"
+	fi
+}
+
+# The suite, --exec, --bench: every TAP line counts, then the guest's end.
+report_tests() {
+	count_tap
+	N_PASS=$TAP_PASS N_FAIL=$TAP_FAIL N_SKIP=$TAP_SKIP
+	[ "$opt_repeat" = 1 ] || repeat_table
+	if ! check_guest_end; then
+		:
+	elif [ $((QEMU_RC >> 1)) = $GUEST_FAIL ]; then
+		[ "$N_FAIL" != 0 ] || verdict fail "the guest command failed"
+	elif [ -n "$opt_exec" ] && [ "$N_PASS$N_FAIL$N_SKIP" = 000 ]; then
+		# A plain command: one test.
+		if [ $((QEMU_RC >> 1)) = $GUEST_SKIP ]; then
+			N_SKIP=1
+		else
+			N_PASS=1
+		fi
+	fi
+}
+
+# --fault-inject: test failures are allowed; the checks are that tests ran,
+# failures were injected, the driver unloaded after each repetition and
+# (in report) that the kernel log is clean.
+report_fault() {
+	local injected unloaded
+	N_PASS=0 N_FAIL=0 N_SKIP=0
+	if grep -q '^test_hmm-fault: no-debugfs' "$RESULTS_LOG"; then
+		verdict fail "fault injection: the guest has no /sys/kernel/debug/fail_test_hmm: the driver does not create it, or the kernel lacks CONFIG_FAULT_INJECTION_DEBUG_FS"
+		return 0
+	fi
+	check_guest_end || true
+	count_tap
+	if [ $((TAP_PASS + TAP_FAIL + TAP_SKIP)) -gt 0 ]; then
+		verdict ok "$((TAP_PASS + TAP_FAIL + TAP_SKIP)) tests ran: $TAP_PASS passed, $TAP_FAIL failed under injection (allowed), $TAP_SKIP skipped"
+	else
+		verdict fail "no test ran under fault injection"
+	fi
+	injected=$(awk '/^test_hmm-fault: injected [0-9]+$/ { n += $3; seen = 1 }
+			END { if (seen) print n }' "$RESULTS_LOG")
+	if [ -z "$injected" ]; then
+		verdict fail "failures injected: unknown, the guest did not get that far"
+	elif [ "$injected" -gt 0 ]; then
+		verdict ok "$injected failures injected (probability $opt_fault %)"
+	else
+		verdict fail "no failure injected at $opt_fault %: select more tests or raise the percentage"
+	fi
+	unloaded=$(grep -c '^test_hmm-fault: unloaded$' "$RESULTS_LOG" || true)
+	if grep -q '^test_hmm-fault: unload failed' "$RESULTS_LOG"; then
+		verdict fail "module did not unload"
+	elif [ "$unloaded" = "$opt_repeat" ]; then
+		verdict ok "module unloaded"
+	else
+		verdict fail "module unloaded $unloaded times of $opt_repeat"
+	fi
+}
+
+report() {
 	if ! grep -q '^test_hmm-guest: started' "$RESULTS_LOG"; then
 		progress "report: the guest never reached user space"
 		tail -n 40 "$CONSOLE_LOG" >&2
 		echo "0 passed, 0 failed, 0 skipped"
 		exit 125
 	fi
-	if [ "$QEMU_RC" = 124 ] || [ "$QEMU_RC" = 137 ]; then
-		running=$(grep -oE '^#  RUN +[^ ]+' "$RESULTS_LOG" | tail -n 1 |
-			  awk '{ print $3 }' || true)
-		echo "not ok - timeout after ${opt_timeout}s while running ${running:-the command}"
-		fail=$((fail + 1))
-		code=1
-	elif [ $((QEMU_RC & 1)) != 1 ] || [ $((QEMU_RC >> 1)) -lt $GUEST_PASS ]; then
-		# Only the guest's init can choose an odd exit status.
-		echo "not ok - the guest died before reporting (QEMU exit $QEMU_RC)"
-		fail=$((fail + 1))
-		code=1
-	elif [ $((QEMU_RC >> 1)) = $GUEST_FAIL ]; then
-		code=1
-		if [ "$fail" = 0 ]; then
-			echo "not ok - the guest command failed"
-			fail=1
-		fi
-	elif [ -n "$opt_exec" ] && [ "$pass$fail$skip" = 000 ]; then
-		# A plain command: one test.
-		if [ $((QEMU_RC >> 1)) = $GUEST_SKIP ]; then
-			skip=1
-		else
-			pass=1
-		fi
-	fi
-
-	if [ -n "$(splat_lines)" ]; then
-		echo "not ok - kernel log: splat (see $CONSOLE_LOG)"
-		print_splats
-		fail=$((fail + 1))
-		code=1
+	if [ "$GUEST_MODE" = fault ]; then
+		report_fault
 	else
-		echo "ok - kernel log: no splat"
-		pass=$((pass + 1))
+		report_tests
+	fi
+	if [ -n "$(splat_lines)" ]; then
+		verdict fail "kernel log: splat (see $CONSOLE_LOG)"
+		print_splats
+	else
+		verdict ok "kernel log: no splat"
 	fi
 	progress "report: console $CONSOLE_LOG, results $RESULTS_LOG"
-	echo "$pass passed, $fail failed, $skip skipped"
-	exit $code
+	echo "$N_PASS passed, $N_FAIL failed, $N_SKIP skipped"
+	[ "$N_FAIL" = 0 ] || exit 1
+	exit 0
 }
 
 main() {
 	parse_args "$@"
 	fetch
-	configure
+	build
 	if [ "$opt_lint" = 1 ]; then
-		build_kernel
 		lint
 		exit
 	fi
-	build
-	lock_run_dir
 	pack
 	boot
 	report
