@@ -52,8 +52,13 @@ readonly SPM_ADDR1=0x110000000
 # Guest result codes written to QEMU's isa-debug-exit port.
 readonly GUEST_PASS=1 GUEST_FAIL=2 GUEST_SKIP=3
 
-# Wall-clock limit of a boot, and how much slower the KASAN kernel runs.
-readonly TIMEOUT_DEFAULT=1200
+# How long the guest may print nothing before it is taken for hung: the
+# suite's slowest tests may run silently for up to 300 s (HMM_SLOW_TIMEOUT
+# in hmm-tests.c) before the harness stops them, however busy the host.
+readonly IDLE_DEFAULT=600
+# Wall-clock limit of a whole boot, only a backstop for a guest that keeps
+# printing forever; and how much slower the KASAN kernel runs.
+readonly TIMEOUT_DEFAULT=7200
 readonly KASAN_SLOWDOWN=3
 # Chance, in percent, that an allocation of the driver fails (--fault-inject).
 readonly FAULT_PERCENT_DEFAULT=10
@@ -66,6 +71,7 @@ opt_exec=
 opt_add=()
 opt_jobs=$(nproc)
 opt_timeout=
+opt_idle=$IDLE_DEFAULT
 opt_lint=0
 opt_bench=0
 opt_upstream_tests=0
@@ -110,6 +116,9 @@ Options:
                        --upstream-driver)
   --exec 'CMD'         run CMD in the guest (driver loaded) instead of the suite
   --add FILE           copy FILE into the guest's /add (on PATH); repeatable
+  --idle-timeout SECONDS
+                       stop the guest when it has printed nothing for this
+                       long: a hang (default $IDLE_DEFAULT)
   --timeout SECONDS    wall-clock limit for boot and tests (default
                        $TIMEOUT_DEFAULT, times $KASAN_SLOWDOWN with --kasan, times N with --repeat N)
   -j N                 build jobs (default $(nproc))
@@ -210,6 +219,7 @@ parse_args() {
 		--add) [ -f "${2:?}" ] || die 2 "no such file: $2"
 			opt_add+=("$(realpath "$2")"); shift ;;
 		--timeout) opt_timeout=${2:?}; shift ;;
+		--idle-timeout) opt_idle=${2:?}; shift ;;
 		-j) opt_jobs=${2:?}; shift ;;
 		-j*) opt_jobs=${1#-j} ;;
 		--lint) opt_lint=1 ;;
@@ -224,6 +234,7 @@ parse_args() {
 		die 2 "--kernel-series wants X.Y, not '$opt_series'"
 	[[ $opt_jobs =~ ^[1-9][0-9]*$ ]] || die 2 "-j wants a number"
 	[[ $opt_repeat =~ ^[1-9][0-9]*$ ]] || die 2 "--repeat wants a count"
+	[[ $opt_idle =~ ^[1-9][0-9]*$ ]] || die 2 "--idle-timeout wants seconds"
 	if [ -n "$opt_timeout" ]; then
 		[[ $opt_timeout =~ ^[1-9][0-9]*$ ]] ||
 			die 2 "--timeout wants seconds"
@@ -970,17 +981,36 @@ stop_host_load() {
 	HOST_LOAD_PIDS=()
 }
 
+# Stops QEMU once the guest has printed nothing for --idle-timeout seconds,
+# and leaves a note saying so. A slow host makes tests slower, not silent:
+# every test prints when it starts and when it ends.
+watch_idle() {
+	local last
+	while sleep 10; do
+		last=$(stat -c %Y "$RESULTS_LOG" 2>/dev/null) || continue
+		[ $(($(date +%s) - last)) -ge "$opt_idle" ] || continue
+		echo "$opt_idle" >"$IDLE_NOTE"
+		pkill -f -- "-initrd $INITRD" || true
+		return
+	done
+}
+
 boot() {
-	local rundir=$CACHE/run/$BUILD_NAME cpu=max rc
+	local rundir=$CACHE/run/$BUILD_NAME cpu=max rc watcher
 	CONSOLE_LOG=$rundir/console.log
 	RESULTS_LOG=$rundir/results.log
 	qemu_base_args
 	pick_accel
 	[ "$ACCEL" = kvm ] && cpu=host
 	[ "$opt_host_load" = 0 ] || start_host_load
-	progress "boot: QEMU ($ACCEL), timeout ${TIMEOUT}s"
+	progress "boot: QEMU ($ACCEL), stopped after ${opt_idle}s without output (at most ${TIMEOUT}s)"
 	progress "boot: console log $CONSOLE_LOG"
 	: >"$CONSOLE_LOG"
+	: >"$RESULTS_LOG"
+	IDLE_NOTE=$rundir/idle
+	rm -f "$IDLE_NOTE"
+	(close_lock_fds; watch_idle) &
+	watcher=$!
 	# --foreground: QEMU stays in our process group, so that ^C stops it.
 	set +e
 	timeout --foreground -k 5 "$TIMEOUT" qemu-system-x86_64 \
@@ -992,6 +1022,8 @@ memmap=$SPM_SIZE\$$SPM_ADDR0 memmap=$SPM_SIZE\$$SPM_ADDR1" \
 		</dev/null 2>"$rundir/qemu.log" |
 		sed -u 's/\r$//' | tee "$RESULTS_LOG"
 	rc=${PIPESTATUS[0]}
+	kill "$watcher" 2>/dev/null
+	wait "$watcher" 2>/dev/null
 	set -e
 	QEMU_RC=$rc
 	if [ "$opt_host_load" = 1 ]; then
@@ -1046,9 +1078,13 @@ count_tap() {
 # can make QEMU exit with an odd status.
 check_guest_end() {
 	local running
+	running=$(grep -oE '^#  RUN +[^ ]+' "$RESULTS_LOG" | tail -n 1 |
+		  awk '{ print $3 }' || true)
+	if [ -f "$IDLE_NOTE" ]; then
+		verdict fail "no output for ${opt_idle}s while running ${running:-the command}: hung"
+		return 1
+	fi
 	if [ "$QEMU_RC" = 124 ] || [ "$QEMU_RC" = 137 ]; then
-		running=$(grep -oE '^#  RUN +[^ ]+' "$RESULTS_LOG" | tail -n 1 |
-			  awk '{ print $3 }' || true)
 		verdict fail "timeout after ${TIMEOUT}s while running ${running:-the command}"
 		return 1
 	fi
