@@ -2,10 +2,17 @@
 #
 # make check: static checks (checkpatch --strict, W=1 module build, shell
 # syntax), then the whole suite in a QEMU guest. See README.md.
+#
+# make fresh-check: the README's Quick start (./run_vm.sh, then make check)
+# in a minimal Debian 12 root built with debootstrap, so that nothing this
+# machine has installed or cached can help it. Needs root. See fresh-check.sh.
 
 RUN_VM ?= ./run_vm.sh
+FRESH_CHECK ?= ./fresh-check.sh
 
-.PHONY: check lint vm
+# Targets that name no file; fresh-check is not part of check (it builds a
+# root and a kernel from nothing: 30 minutes or more).
+.PHONY: check lint vm fresh-check
 
 check: lint vm
 
@@ -14,3 +21,6 @@ lint:
 
 vm:
 	$(RUN_VM)
+
+fresh-check:
+	$(FRESH_CHECK)

@@ -306,6 +306,7 @@ gzip gzip
 xz xz-utils
 depmod kmod
 perl perl
+Term::ANSIColor perl
 rsync rsync
 flock util-linux
 /usr/include/libelf.h libelf-dev
@@ -323,6 +324,11 @@ missing_packages() {
 			# The dynamic busybox package cannot run in the guest.
 			dpkg -s busybox-static >/dev/null 2>&1 || echo "$pkg" ;;
 		/*) [ -e "$what" ] || echo "$pkg" ;;
+		*::*)
+			# A Perl module. perl-base, in every Debian, has
+			# /usr/bin/perl but not the modules checkpatch.pl
+			# uses (Term::ANSIColor, Encode): those come with perl.
+			perl -M"$what" -e 1 >/dev/null 2>&1 || echo "$pkg" ;;
 		*) command -v "$what" >/dev/null 2>&1 || echo "$pkg" ;;
 		esac
 	done <<<"$HOST_DEPS"
@@ -695,6 +701,7 @@ lint() {
 	bash -n "$REPO/run_vm.sh" || rc=1
 	sh -n "$REPO/tools/testing/selftests/mm/test_hmm.sh" || rc=1
 	bash -n "$REPO/.ci/run" || rc=1
+	bash -n "$REPO/fresh-check.sh" || rc=1
 	if [ $rc = 0 ]; then
 		progress "lint: clean"
 	else
