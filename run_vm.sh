@@ -1104,9 +1104,9 @@ check_guest_end() {
 # --repeat: the tests that failed in at least one repetition, with how many
 # times they failed out of how many times they ran.
 repeat_table() {
-	local table done
+	local table finished
 	# The harness closes each repetition it finished with its totals.
-	done=$(grep -c '^# Totals:' "$RESULTS_LOG" || true)
+	finished=$(grep -c '^# Totals:' "$RESULTS_LOG" || true)
 	table=$(awk '
 		/^ok [0-9]+ / { runs[$3]++ }
 		/^not ok [0-9]+ / { runs[$4]++; failed[$4]++ }
@@ -1115,10 +1115,10 @@ repeat_table() {
 				printf "%s: %d/%d failed\n", t, failed[t], runs[t]
 		}' "$RESULTS_LOG" | sort)
 	if [ -n "$table" ]; then
-		echo "# tests that failed in any repetition ($done of $opt_repeat finished):"
+		echo "# tests that failed in any repetition ($finished of $opt_repeat finished):"
 		echo "$table"
 	else
-		echo "# no test failed in any repetition ($done of $opt_repeat finished)"
+		echo "# no test failed in any repetition ($finished of $opt_repeat finished)"
 	fi
 }
 
