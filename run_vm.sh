@@ -26,6 +26,9 @@
 # failed, timed out or the kernel splatted, 125 the kernel could not be built
 # or booted, 2 bad usage.
 
+# Some functions are called by name, through use_or_make(), where the
+# linter does not see the calls.
+# shellcheck disable=SC2317
 set -euo pipefail
 
 # Run from make (make -j2 check), we would inherit its jobserver without its
@@ -199,6 +202,28 @@ close_lock_fds() {
 # shared after making it is a downgrade (flock(2) converts the lock; another
 # run may get in between), so it is checked once more.
 readonly MAKE_TRIES=3
+
+# use_or_make STEP WHAT LOCKFILE DOING CHECK MAKE: use WHAT, which the
+# function CHECK says is up to date, under LOCKFILE shared until the run
+# ends; when it is not, make it with the function MAKE under the exclusive
+# lock first, as said above. Sets MADE to 1 if this run made it.
+use_or_make() {
+	local step=$1 what=$2 lockf=$3 doing=$4 check=$5 make=$6 try=0
+	MADE=0
+	lock "$lockf" -s "$step" "$what" "in use"
+	while ! "$check"; do
+		try=$((try + 1))
+		[ $try -le $MAKE_TRIES ] ||
+			die 125 "$what keeps being remade by other runs"
+		unlock "$lockf"
+		lock "$lockf" -x "$step" "$what" "$doing"
+		if ! "$check"; then
+			"$make"
+			MADE=1
+		fi
+		lock "$lockf" -s "$step" "$what" "in use"
+	done
+}
 
 # --- Options ---------------------------------------------------------------
 
@@ -438,20 +463,6 @@ unpack_source() {
 	echo "$SRC_VERSION" >"$SRC_DIR.version"
 }
 
-# Makes $SRC_DIR up to date if needed, then uses it under a shared lock.
-source_locked_up_to_date() {
-	local lockf=$SRC_DIR.lock what="the source $SRC_PKG" try=0
-	lock "$lockf" -s fetch "$what" "in use"
-	while ! source_up_to_date; do
-		try=$((try + 1))
-		[ $try -le $MAKE_TRIES ] ||
-			die 125 "$what keeps being replaced by other runs"
-		unlock "$lockf"
-		lock "$lockf" -x fetch "$what" unpacking
-		source_up_to_date || unpack_source
-		lock "$lockf" -s fetch "$what" "in use"
-	done
-}
 
 # Sets KSRC to an unpacked linux-source-<series> and KSRC_ID to its version.
 fetch_debian_source() {
@@ -463,7 +474,8 @@ fetch_debian_source() {
 	SRC_VERSION=$(newest_debian_version "$SRC_PKG")
 	unlock "$CACHE/apt/.lock"
 	[ -n "$SRC_VERSION" ] || die 125 "Debian has no $SRC_PKG in $KERNEL_SUITES"
-	source_locked_up_to_date
+	use_or_make fetch "the source $SRC_PKG" "$SRC_DIR.lock" unpacking \
+		source_up_to_date unpack_source
 	KSRC=$SRC_DIR
 	KSRC_ID="debian $SRC_PKG $SRC_VERSION"
 	BUILD_NAME=debian-$opt_series
@@ -588,24 +600,16 @@ build_kernel() {
 # finds the kernel out of date builds it, the others wait; the kernel is
 # then used under a shared lock until the run ends.
 kernel() {
-	local lockf=$KBUILD/.test_hmm.lock what="the kernel build/$BUILD_NAME"
-	local try=0 built=0
 	CONFIG_HASH=$(config_hash)
-	lock "$lockf" -s build "$what" "in use"
-	while ! kernel_up_to_date; do
-		try=$((try + 1))
-		[ $try -le $MAKE_TRIES ] ||
-			die 125 "$what keeps being rebuilt by other runs"
-		unlock "$lockf"
-		lock "$lockf" -x build "$what" building
-		if ! kernel_up_to_date; then
-			configure
-			build_kernel
-			built=1
-		fi
-		lock "$lockf" -s build "$what" "in use"
-	done
-	[ $built = 1 ] || progress "build: kernel up to date ($KBUILD)"
+	use_or_make build "the kernel build/$BUILD_NAME" \
+		"$KBUILD/.test_hmm.lock" building kernel_up_to_date \
+		configure_and_build_kernel
+	[ "$MADE" = 1 ] || progress "build: kernel up to date ($KBUILD)"
+}
+
+configure_and_build_kernel() {
+	configure
+	build_kernel
 }
 
 # Module, test programs, initramfs and logs of one kernel live in
