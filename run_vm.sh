@@ -56,9 +56,9 @@ readonly SPM_ADDR1=0x110000000
 readonly GUEST_PASS=1 GUEST_FAIL=2 GUEST_SKIP=3
 
 # How long the guest may print nothing before it is taken for hung: the
-# suite's slowest tests may run silently for up to 300 s (HMM_SLOW_TIMEOUT
+# suite's slowest tests may run silently for up to 600 s (HMM_SLOW_TIMEOUT
 # in hmm-tests.c) before the harness stops them, however busy the host.
-readonly IDLE_DEFAULT=600
+readonly IDLE_DEFAULT=900
 # Wall-clock limit of a whole boot, only a backstop for a guest that keeps
 # printing forever; and how much slower the KASAN kernel runs.
 readonly TIMEOUT_DEFAULT=7200
