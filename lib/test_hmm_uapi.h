@@ -110,9 +110,9 @@ struct hmm_dmirror_cmd {
  * caller's). -EINVAL for an unknown value.
  *
  * HMM_DMIRROR_INVALIDATIONS: read the driver's record of recent invalidations
- * of the caller's address space (struct hmm_dmirror_inval_query), as all
- * devices together saw them: what each cost and in which order its passes
- * ran. Tests prove the two-pass protocol from it rather than from time, and
+ * of the address space the file mirrors (struct hmm_dmirror_inval_query), as
+ * all devices together saw them: what each cost and in which order its
+ * passes ran. Tests prove the two-pass protocol from it rather than from time, and
  * ignore invalidations they did not cause (reclaim, compaction, NUMA
  * balancing) by their range and event.
  */
@@ -222,7 +222,7 @@ struct hmm_dmirror_inval_record {
  * @since: (in) only records with a larger &hmm_dmirror_inval_record.seq
  * @ptr: (in) user array of @nr_max struct hmm_dmirror_inval_record
  * @nr_max: (in) size of that array
- * @nr: (out) records of the caller's address space that overlap the range,
+ * @nr: (out) records of the mirrored address space that overlap the range,
  *	oldest first; only the first @nr_max are copied
  * @last: (out) the seq of the newest record, of any process: pass it as
  *	@since of a later query to see only what happened in between
