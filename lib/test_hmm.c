@@ -3177,12 +3177,6 @@ static int dmirror_user_range(u64 addr, u64 npages,
 	return 0;
 }
 
-static int dmirror_cmd_range(const struct hmm_dmirror_cmd *cmd,
-			     struct dmirror_range *range)
-{
-	return dmirror_user_range(cmd->addr, cmd->npages, range);
-}
-
 /**
  * dmirror_ioctl_mm() - run one mm-using command
  * @dmirror: mirror
@@ -3198,7 +3192,7 @@ static long dmirror_ioctl_mm(struct dmirror *dmirror, unsigned int command,
 	struct dmirror_range range;
 	long ret;
 
-	ret = dmirror_cmd_range(cmd, &range);
+	ret = dmirror_user_range(cmd->addr, cmd->npages, &range);
 	if (ret)
 		return ret;
 	if (!mmget_not_zero(mm))
