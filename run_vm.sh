@@ -82,6 +82,10 @@ opt_repeat=1
 opt_host_load=0
 opt_kasan=0
 opt_fault=
+opt_patches=
+opt_mutants=
+# What --mutants passes on to the run of each mutant.
+MUTANT_ARGS=()
 
 usage() {
 	cat <<EOF
@@ -95,6 +99,16 @@ Options:
   --kernel-series X.Y  Debian linux-source series to test (default $KERNEL_SERIES_DEFAULT)
   --kernel-src DIR     use this kernel tree instead (e.g. a git bisect
                        checkout); it is built out of tree, never written to
+  --kernel-patches P   apply the patch P, or the patches P/*.patch in name
+                       order (patch -p1), to a copy of the kernel tree and
+                       test that; the copy and its build are kept and
+                       rebuilt incrementally for the next set of patches
+  --mutants [DIR]      mutation testing: run the suite on the unpatched
+                       kernel, then on each mutant DIR/*.patch (default
+                       mutants/) with --kernel-patches, and print which
+                       mutants the suite caught and with which tests; with
+                       --upstream-tests, the tree's suite on each mutant
+                       too. Exit 0 only if every mutant was caught
   --tests PATTERN      run only tests whose kselftest name
                        (fixture.variant.test) matches this extended regex
   --repeat N           run the tests N times in one boot, the driver loaded
@@ -233,6 +247,15 @@ parse_args() {
 		--kernel-series) opt_series=${2:?}; shift ;;
 		--kernel-src) opt_src=$(cd "${2:?}" && pwd) ||
 			die 2 "no such directory: $2"; shift ;;
+		--kernel-patches) opt_patches=$(realpath -e "${2:?}") ||
+			die 2 "no such file or directory: $2"; shift ;;
+		--mutants)
+			opt_mutants=$REPO/mutants
+			if [ $# -gt 1 ] && [ "${2#-}" = "$2" ]; then
+				opt_mutants=$(realpath -e "$2") ||
+					die 2 "no such directory: $2"
+				shift
+			fi ;;
 		--tests) opt_tests=${2:?}; shift ;;
 		--repeat) opt_repeat=${2:?}; shift ;;
 		--kasan) opt_kasan=1 ;;
@@ -276,6 +299,18 @@ parse_args() {
 			die 2 "--fault-inject runs our suite on our driver: not with --exec, --bench, --upstream-tests or --upstream-driver"
 		fi
 	fi
+	if [ -n "$opt_mutants" ]; then
+		[ -d "$opt_mutants" ] || die 2 "--mutants wants a directory, not $opt_mutants"
+		if [ -n "$opt_patches" ] || [ -n "$opt_exec" ] ||
+		   [ "$opt_bench" = 1 ] || [ -n "$opt_fault" ] ||
+		   [ "$opt_lint" = 1 ] || [ "$opt_repeat" != 1 ] ||
+		   [ ${#opt_add[@]} != 0 ]; then
+			die 2 "--mutants runs the suites itself: not with --kernel-patches, --exec, --bench, --fault-inject, --lint, --repeat or --add"
+		fi
+	fi
+	if [ -n "$opt_patches" ]; then
+		patch_files >/dev/null
+	fi
 	if [ "$opt_upstream_tests" = 1 ]; then
 		if [ -n "$opt_exec" ] || [ "$opt_bench" = 1 ]; then
 			die 2 "--upstream-tests goes with neither --exec nor --bench"
@@ -315,6 +350,26 @@ rmmod test_hmm && modprobe test_hmm spm_addr_dev0=$SPM_ADDR0 spm_addr_dev1=$SPM_
 	return 0
 }
 
+# The options of this run that --mutants passes on to the run of each
+# mutant: all but its own and --upstream-tests, which it adds itself.
+mutant_args() {
+	MUTANT_ARGS=()
+	while [ $# -gt 0 ]; do
+		case $1 in
+		--mutants)
+			if [ $# -gt 1 ] && [ "${2#-}" = "$2" ]; then
+				shift
+			fi ;;
+		--upstream-tests) ;;
+		--kernel-src) MUTANT_ARGS+=("$1" "$(realpath "$2")"); shift ;;
+		--kernel-series|--tests|--timeout|--idle-timeout|-j)
+			MUTANT_ARGS+=("$1" "$2"); shift ;;
+		*) MUTANT_ARGS+=("$1") ;;
+		esac
+		shift
+	done
+}
+
 # --- Host dependencies -----------------------------------------------------
 
 # "command-or-file package" pairs the run needs.
@@ -334,6 +389,7 @@ perl perl
 Term::ANSIColor perl
 rsync rsync
 flock util-linux
+patch patch
 /usr/include/libelf.h libelf-dev
 /usr/include/openssl/ssl.h libssl-dev
 /usr/lib/x86_64-linux-gnu/libc.a libc6-dev
@@ -496,10 +552,11 @@ fetch() {
 	fi
 	# The variant kernel has its own build, module and run directories.
 	[ "$opt_kasan" = 0 ] || BUILD_NAME+=-kasan
+	[ -z "$opt_patches" ] || use_patched_source
 	KBUILD=$CACHE/build/$BUILD_NAME
 	mkdir -p "$KBUILD"
 	progress "fetch: kernel source $KSRC_ID"
-	progress "fetch: version $(make -s -C "$KSRC" kernelversion 2>/dev/null)"
+	progress "fetch: version $(make -s -C "${PATCH_BASE:-$KSRC}" kernelversion 2>/dev/null)"
 }
 
 # What identifies the contents of a tree: commit and local changes for git,
@@ -513,6 +570,56 @@ source_tree_state() {
 		# Never equal to a stamp: kbuild decides what to rebuild.
 		echo "not-git-$(date +%s%N)"
 	fi
+}
+
+# --- --kernel-patches ------------------------------------------------------
+
+# The patches of --kernel-patches, one path a line, in the order applied.
+patch_files() {
+	local files
+	if [ -d "$opt_patches" ]; then
+		files=$(find "$opt_patches" -maxdepth 1 -type f \
+			\( -name '*.patch' -o -name '*.diff' \) | LC_ALL=C sort)
+	else
+		files=$opt_patches
+	fi
+	[ -n "$files" ] || die 2 "no *.patch or *.diff in $opt_patches"
+	echo "$files"
+}
+
+# Tests a copy of the tree instead: $CACHE/src/patched-<name>, one for each
+# kernel build. The build of the copy is kept from one set of patches to the
+# next, so that only what the patches change is rebuilt.
+use_patched_source() {
+	local hash
+	hash=$(patch_files | while read -r f; do cat "$f"; done |
+	       sha1sum | cut -c1-12)
+	PATCH_BASE=$KSRC
+	KSRC=$CACHE/src/patched-$BUILD_NAME
+	KSRC_ID+=" + patches $hash"
+	BUILD_NAME+=-patched
+}
+
+# Makes the copy equal to the tree, then applies the patches; run under the
+# build's exclusive lock. rsync copies back the files the last patches
+# changed with their old times, older than the objects built from the
+# patched versions: they are touched, so that make rebuilds them.
+apply_patches() {
+	local f log=$KBUILD/patches.log
+	rm -f "$KBUILD/.test_hmm-built"
+	mkdir -p "$KSRC"
+	progress "build: copy of $PATCH_BASE in $KSRC"
+	rsync -a --delete --exclude=/.git --out-format='%i %n' \
+		"$PATCH_BASE/" "$KSRC/" >"$log" 2>&1 ||
+		die 125 "copying $PATCH_BASE failed; see $log"
+	awk '$1 ~ /^>f/ { sub(/^[^ ]+ /, ""); print }' "$log" |
+		(cd "$KSRC" && xargs -r -d '\n' touch --)
+	while read -r f; do
+		progress "build: applying ${f##*/}"
+		patch -p1 -N -s --no-backup-if-mismatch -r - -d "$KSRC" \
+			<"$f" >>"$log" 2>&1 ||
+			die 125 "${f##*/} does not apply to $PATCH_BASE; see $log"
+	done < <(patch_files)
 }
 
 # --- Step: configure -------------------------------------------------------
@@ -608,6 +715,7 @@ kernel() {
 }
 
 configure_and_build_kernel() {
+	[ -z "$opt_patches" ] || apply_patches
 	configure
 	build_kernel
 }
@@ -1057,6 +1165,17 @@ splat_lines() {
 		!oom && $0 ~ re { print NR }' "$CONSOLE_LOG"
 }
 
+# One line for each of the first splats, without what differs between two
+# runs of the same bug (time, CPU, task, offsets), for --mutants to compare.
+splat_signatures() {
+	local n
+	for n in $(splat_lines | head -n 8); do
+		sed -n "${n}p" "$CONSOLE_LOG" |
+			sed -E -e 's/^\[ *[0-9.]+\] //' -e 's/(\+0x| CPU| PID|, CPU).*//' \
+			       -e 's/^/# splat: /'
+	done | sort -u
+}
+
 print_splats() {
 	local n
 	for n in $(splat_lines | head -n 8); do
@@ -1195,6 +1314,7 @@ report() {
 	fi
 	if [ -n "$(splat_lines)" ]; then
 		verdict fail "kernel log: splat (see $CONSOLE_LOG)"
+		splat_signatures
 		print_splats
 	else
 		verdict ok "kernel log: no splat"
@@ -1205,8 +1325,137 @@ report() {
 	exit 0
 }
 
+# --- Mode: --mutants -------------------------------------------------------
+
+# mutant_field FILE KEY: the value of "KEY:" in the text before the diff.
+mutant_field() {
+	awk -v key="$2:" '/^(diff |--- |Index: )/ { exit }
+		$1 == key { sub(/^[^:]*: */, ""); print; exit }' "$1"
+}
+
+# What a finished run failed on, one a line: the tests it reported 'not
+# ok', its own failed checks but the kernel log's, and each splat.
+run_failures() {
+	sed -nE -e 's/^not ok [0-9]+ ([^ ]+).*/\1/p' \
+		-e '/^not ok - kernel log: splat/d' -e 's/^not ok - (.*)/\1/p' \
+		-e 's/^# (splat: .*)/\1/p' "$1" | LC_ALL=C sort -u
+}
+
+# run_suite_on LOG ARGS: this script with ARGS, output to LOG; sets
+# RUN_RC and RUN_SECS.
+run_suite_on() {
+	local log=$1 start
+	shift
+	start=$(date +%s)
+	RUN_RC=0
+	"$REPO/run_vm.sh" "${MUTANT_ARGS[@]}" "$@" >"$log" 2>&1 || RUN_RC=$?
+	RUN_SECS=$(($(date +%s) - start))
+}
+
+# The baseline of one suite: the unpatched kernel. Our suite must pass
+# there; what the tree's suite fails on there is not counted for a mutant.
+mutants_baseline() {
+	local suite=$1 dir=$2
+	shift 2
+	progress "mutants: baseline, $suite suite, unpatched kernel"
+	run_suite_on "$dir/baseline.$suite.log" "$@"
+	case $RUN_RC in
+	0|1) ;;
+	*) die "$RUN_RC" "the unpatched kernel did not build or boot; see $dir/baseline.$suite.log" ;;
+	esac
+	if [ "$suite" = ours ] && [ "$RUN_RC" != 0 ]; then
+		die 1 "our suite fails on the unpatched kernel: fix that first; see $dir/baseline.$suite.log"
+	fi
+	run_failures "$dir/baseline.$suite.log" >"$dir/baseline.$suite.failures"
+	progress "mutants: baseline, $suite suite: $(grep -E '^[0-9]+ passed' "$dir/baseline.$suite.log" | tail -n 1) in ${RUN_SECS}s"
+}
+
+# How many of the tests a mutant's header expects (Expect:, full names or
+# test names) are among FAILURES, as "k/n"; empty when it expects none.
+expected_caught() {
+	local m=$1 failures=$2 e n=0 k=0
+	for e in $(mutant_field "$m" Expect); do
+		[[ $e =~ ^[a-z0-9_.]+$ ]] || continue
+		n=$((n + 1))
+		if echo "$failures" | grep -qE "(^|\.)${e//./\\.}\$"; then
+			k=$((k + 1))
+		fi
+	done
+	[ "$n" = 0 ] || echo "$k/$n"
+}
+
+# mutant_verdict MUTANT LOG BASELINE: the verdict on one mutant for one
+# suite in CELL; CAUGHT is 1 when the suite failed on something the
+# baseline did not.
+mutant_verdict() {
+	local m=$1 log=$2 base=$3 new n
+	CAUGHT=0
+	case $RUN_RC in
+	0) CELL="MISSED"; return ;;
+	1) ;;
+	125) CELL="ERROR: not built or not booted"; return ;;
+	*) CELL="ERROR: exit $RUN_RC"; return ;;
+	esac
+	new=$(run_failures "$log" | LC_ALL=C comm -23 - "$base")
+	if [ -z "$new" ]; then
+		CELL="MISSED (fails only as the baseline does)"
+		return
+	fi
+	CAUGHT=1
+	n=$(echo "$new" | wc -l)
+	CELL="caught by $n: $(echo "$new" | head -n 3 | sed 's/^hmm\.//' |
+		paste -sd ' ')"
+	[ "$n" -le 3 ] || CELL+=" +$((n - 3))"
+	n=$(expected_caught "$m" "$new")
+	[ -z "$n" ] || CELL+=" (expected: $n)"
+}
+
+# --mutants: the suite (and with --upstream-tests, the tree's) on the
+# unpatched kernel, then on each mutant; a table of what caught what.
+run_mutants() {
+	local dir mutants m name i=0 total suites=(ours) suite args
+	local missed=0 table
+	mapfile -t mutants < <(find "$opt_mutants" -maxdepth 1 -type f \
+		-name '*.patch' | LC_ALL=C sort)
+	total=${#mutants[@]}
+	[ "$total" -gt 0 ] || die 2 "no *.patch in $opt_mutants"
+	[ "$opt_upstream_tests" = 0 ] || suites+=(upstream)
+	dir=$CACHE/mutants/$(date +%Y%m%d-%H%M%S)
+	mkdir -p "$dir"
+	table=$dir/table
+	progress "mutants: $total in $opt_mutants, suites: ${suites[*]}; logs in $dir"
+	mutants_baseline ours "$dir"
+	[ "$opt_upstream_tests" = 0 ] ||
+		mutants_baseline upstream "$dir" --upstream-tests
+	for m in "${mutants[@]}"; do
+		i=$((i + 1))
+		name=$(basename "$m" .patch)
+		for suite in "${suites[@]}"; do
+			args=(--kernel-patches "$m")
+			[ "$suite" = ours ] || args+=(--upstream-tests)
+			run_suite_on "$dir/$name.$suite.log" "${args[@]}"
+			mutant_verdict "$m" "$dir/$name.$suite.log" \
+				"$dir/baseline.$suite.failures"
+			[ "$suite" != ours ] || [ "$CAUGHT" = 1 ] ||
+				missed=$((missed + 1))
+			progress "mutants: [$i/$total] $name, $suite suite: $CELL (${RUN_SECS}s)"
+			printf '# %-40s %-8s %5ss  %s\n' "$name" "$suite" \
+				"$RUN_SECS" "$CELL" >>"$table"
+		done
+	done
+	printf '# %-40s %-8s %6s  %s\n' mutant suite time verdict
+	cat "$table"
+	echo "# $((total - missed)) of $total mutants caught by our suite; logs in $dir"
+	[ "$missed" = 0 ]
+}
+
 main() {
+	mutant_args "$@"
 	parse_args "$@"
+	if [ -n "$opt_mutants" ]; then
+		run_mutants
+		exit
+	fi
 	fetch
 	build
 	if [ "$opt_lint" = 1 ]; then
