@@ -59,6 +59,8 @@ readonly GUEST_PASS=1 GUEST_FAIL=2 GUEST_SKIP=3
 # suite's slowest tests may run silently for up to 600 s (HMM_SLOW_TIMEOUT
 # in hmm-tests.c) before the harness stops them, however busy the host.
 readonly IDLE_DEFAULT=900
+# A mutant that hangs the guest should cost minutes, not a quarter hour.
+readonly MUTANT_IDLE_DEFAULT=300
 # Wall-clock limit of a whole boot, only a backstop for a guest that keeps
 # printing forever; and how much slower the KASAN kernel runs.
 readonly TIMEOUT_DEFAULT=7200
@@ -108,7 +110,8 @@ Options:
                        mutants/) with --kernel-patches, and print which
                        mutants the suite caught and with which tests; with
                        --upstream-tests, the tree's suite on each mutant
-                       too. Exit 0 only if every mutant was caught
+                       too. Exit 0 only if every mutant was caught. The
+                       idle limit is ${MUTANT_IDLE_DEFAULT}s unless --idle-timeout is given
   --tests PATTERN      run only tests whose kselftest name
                        (fixture.variant.test) matches this extended regex
   --repeat N           run the tests N times in one boot, the driver loaded
@@ -600,20 +603,50 @@ use_patched_source() {
 	BUILD_NAME+=-patched
 }
 
+# The files PATCH changes, one path a line, relative to the tree (-p1).
+patched_paths() {
+	awk '/^(---|\+\+\+) / {
+		sub(/^(---|\+\+\+) /, ""); sub(/\t.*/, "")
+		if ($0 != "/dev/null" && sub(/^[^\/]*\//, "")) print
+	}' "$1" | LC_ALL=C sort -u
+}
+
+# Makes the copy equal to the tree. The first time it is a full copy; after
+# that only the files the last patches changed are copied back, with a new
+# time so that make rebuilds them, and every other file keeps the time its
+# objects were built against. The list is written before the patches are
+# applied, so a patch that fails half way is undone too.
+restore_patched_copy() {
+	local list=$KSRC.files log=$1 f
+	if [ ! -f "$list" ]; then
+		progress "build: copy of $PATCH_BASE in $KSRC"
+		mkdir -p "$KSRC"
+		rsync -a --delete --exclude=/.git --out-format='%i %n' \
+			"$PATCH_BASE/" "$KSRC/" >"$log" 2>&1 ||
+			die 125 "copying $PATCH_BASE failed; see $log"
+		awk '$1 ~ /^>f/ { sub(/^[^ ]+ /, ""); print }' "$log" |
+			(cd "$KSRC" && xargs -r -d '\n' touch --)
+		return 0
+	fi
+	while read -r f; do
+		if [ -f "$PATCH_BASE/$f" ]; then
+			cmp -s "$PATCH_BASE/$f" "$KSRC/$f" ||
+				cp "$PATCH_BASE/$f" "$KSRC/$f"
+		else
+			rm -f "$KSRC/$f"
+		fi
+	done <"$list"
+}
+
 # Makes the copy equal to the tree, then applies the patches; run under the
-# build's exclusive lock. rsync copies back the files the last patches
-# changed with their old times, older than the objects built from the
-# patched versions: they are touched, so that make rebuilds them.
+# build's exclusive lock.
 apply_patches() {
 	local f log=$KBUILD/patches.log
 	rm -f "$KBUILD/.test_hmm-built"
-	mkdir -p "$KSRC"
-	progress "build: copy of $PATCH_BASE in $KSRC"
-	rsync -a --delete --exclude=/.git --out-format='%i %n' \
-		"$PATCH_BASE/" "$KSRC/" >"$log" 2>&1 ||
-		die 125 "copying $PATCH_BASE failed; see $log"
-	awk '$1 ~ /^>f/ { sub(/^[^ ]+ /, ""); print }' "$log" |
-		(cd "$KSRC" && xargs -r -d '\n' touch --)
+	mkdir -p "$KBUILD"
+	restore_patched_copy "$log"
+	patch_files | while read -r f; do patched_paths "$f"; done |
+		LC_ALL=C sort -u >"$KSRC.files"
 	while read -r f; do
 		progress "build: applying ${f##*/}"
 		patch -p1 -N -s --no-backup-if-mismatch -r - -d "$KSRC" \
@@ -1420,6 +1453,8 @@ run_mutants() {
 	total=${#mutants[@]}
 	[ "$total" -gt 0 ] || die 2 "no *.patch in $opt_mutants"
 	[ "$opt_upstream_tests" = 0 ] || suites+=(upstream)
+	[[ " ${MUTANT_ARGS[*]} " == *" --idle-timeout "* ]] ||
+		MUTANT_ARGS+=(--idle-timeout "$MUTANT_IDLE_DEFAULT")
 	dir=$CACHE/mutants/$(date +%Y%m%d-%H%M%S)
 	mkdir -p "$dir"
 	table=$dir/table
