@@ -116,9 +116,15 @@
  * set, so a fault that looked it up earlier sees, under pt_lock, that it
  * must start again with a new leaf.
  *
- * &dmirror_device.lock (a spinlock) protects the device's settings and its
- * pool of finish objects; it is taken from invalidation callbacks that may
- * not sleep.
+ * &dmirror_device.lock (a spinlock) protects the device's settings, its
+ * pool of finish objects and its debug hold; it is taken from invalidation
+ * callbacks that may not sleep.
+ *
+ * A task held at a debug hold point (HMM_DMIRROR_HOLD) holds no lock of this
+ * driver: the fault path is held with the mmap lock dropped and before
+ * pt_lock, an invalidation after its callback dropped pt_lock. It may hold
+ * the core's locks (the mmap lock, for madvise()), so the test that armed the
+ * hold must not need them to release it.
  *
  * dmirror_log_lock (a spinlock) protects the record of invalidations; it is
  * taken from invalidation callbacks, alone: nothing else is locked under it.
@@ -325,6 +331,7 @@ struct dmirror_flush {
  * @notifier_removals: see &struct hmm_dmirror_stats
  * @fault_retries: see &struct hmm_dmirror_stats
  * @exclusive_retries: see &struct hmm_dmirror_stats
+ * @stale_installs: see &struct hmm_dmirror_stats
  */
 struct dmirror_device_stats {
 	atomic64_t faults;
@@ -339,6 +346,31 @@ struct dmirror_device_stats {
 	atomic64_t notifier_removals;
 	atomic64_t fault_retries;
 	atomic64_t exclusive_retries;
+	atomic64_t stale_installs;
+};
+
+/**
+ * struct dmirror_hold - the debug hold point of a device (HMM_DMIRROR_HOLD)
+ * @owner: mirror whose file armed it; NULL when the hold is idle
+ * @point: enum hmm_dmirror_hold_point armed
+ * @start: start of the range armed
+ * @end: its end
+ * @held: a task is held at the point
+ * @gen: advanced when the hold ends (released, disarmed, or its task let go
+ *	on a fatal signal), which is what the held task waits for
+ * @wq: the held task and HMM_DMIRROR_HOLD_WAIT wait here
+ *
+ * All fields but @wq are under &dmirror_device.lock; @owner, @held and @gen
+ * are also read locklessly in wait conditions and in the fast path.
+ */
+struct dmirror_hold {
+	struct dmirror *owner;
+	u32 point;
+	unsigned long start;
+	unsigned long end;
+	bool held;
+	unsigned long gen;
+	wait_queue_head_t wq;
 };
 
 /**
@@ -347,11 +379,12 @@ struct dmirror_device_stats {
  * @dev: device model object, named hmm_dmirrorN
  * @id: N
  * @mem_type: kind of ZONE_DEVICE memory the device owns
- * @lock: protects @settings, @fail_next_finish and @flush_busy
+ * @lock: protects @settings, @fail_next_finish, @flush_busy and @hold
  * @settings: current settings; flags and reserved are always 0
  * @fail_next_finish: the next finish object allocation fails
  * @flush_busy: which of @flush_pool are in use
  * @flush_pool: finish objects of two-pass invalidations
+ * @hold: the debug hold point
  * @stats: counters
  * @chunk_lock: serialises adding and removing chunks of device memory
  * @mem_lock: protects @chunks and the chunks' allocation state
@@ -373,6 +406,7 @@ struct dmirror_device {
 	bool fail_next_finish;
 	DECLARE_BITMAP(flush_busy, DMIRROR_FLUSH_POOL);
 	struct dmirror_flush flush_pool[DMIRROR_FLUSH_POOL];
+	struct dmirror_hold hold;
 
 	struct dmirror_device_stats stats;
 
@@ -398,11 +432,15 @@ struct dmirror_leaf;
  * @mni: the notifier
  * @dmirror: mirror it keeps coherent
  * @leaf: the leaf it covers, or NULL for a notifier over the whole space
+ * @nr_invalidated: invalidations that published a sequence on it; written
+ *	under pt_lock, read locklessly by faults to check the core
+ *	(dmirror_may_install())
  */
 struct dmirror_notifier {
 	struct mmu_interval_notifier mni;
 	struct dmirror *dmirror;
 	struct dmirror_leaf *leaf;
+	unsigned long nr_invalidated;
 };
 
 /**
@@ -1239,6 +1277,157 @@ static void dmirror_reap_work(struct work_struct *work)
 }
 
 /* ------------------------------------------------------------------------
+ * Debug hold points
+ */
+
+/**
+ * dmirror_hold_end() - end a hold and let its task, if any, go on
+ * @mdevice: device
+ * @gen: the &dmirror_hold.gen of the hold to end
+ *
+ * Nothing happens when that hold has ended already.
+ */
+static void dmirror_hold_end(struct dmirror_device *mdevice, unsigned long gen)
+{
+	struct dmirror_hold *hold = &mdevice->hold;
+
+	spin_lock(&mdevice->lock);
+	if (hold->owner && hold->gen == gen) {
+		WRITE_ONCE(hold->owner, NULL);
+		WRITE_ONCE(hold->held, false);
+		WRITE_ONCE(hold->gen, gen + 1);
+	}
+	spin_unlock(&mdevice->lock);
+	wake_up_all(&hold->wq);
+}
+
+/**
+ * dmirror_hold_reached() - a task reached a hold point
+ * @dmirror: mirror the task works for
+ * @point: enum hmm_dmirror_hold_point
+ * @start: start of the range the task works on
+ * @end: its end
+ *
+ * Holds the task when the device's hold is armed for @point, the mirrored
+ * address space and a range overlapping [@start, @end), and the task is one
+ * of the mirrored process (not a kernel thread such as khugepaged), until the
+ * hold is released or the task gets a fatal signal. Costs one load when no
+ * hold is armed. An exiting task is never held: nobody could release the
+ * invalidations of its exit_mmap() in time to let it die.
+ *
+ * Context: may sleep; no lock of this driver held.
+ */
+static void dmirror_hold_reached(struct dmirror *dmirror, u32 point,
+				 unsigned long start, unsigned long end)
+{
+	struct dmirror_device *mdevice = dmirror->mdevice;
+	struct dmirror_hold *hold = &mdevice->hold;
+	unsigned long gen;
+
+	lockdep_assert_not_held(&dmirror->pt_lock);
+	if (likely(!READ_ONCE(hold->owner)) || (current->flags & PF_EXITING))
+		return;
+
+	spin_lock(&mdevice->lock);
+	if (!hold->owner || hold->held || hold->point != point ||
+	    hold->owner->mm != dmirror->mm || current->mm != dmirror->mm ||
+	    end <= hold->start || start >= hold->end) {
+		spin_unlock(&mdevice->lock);
+		return;
+	}
+	WRITE_ONCE(hold->held, true);
+	gen = hold->gen;
+	spin_unlock(&mdevice->lock);
+	wake_up_all(&hold->wq);
+
+	if (wait_event_killable(hold->wq, READ_ONCE(hold->gen) != gen))
+		dmirror_hold_end(mdevice, gen);
+}
+
+/**
+ * dmirror_hold_arm() - HMM_DMIRROR_HOLD_ARM
+ * @dmirror: mirror of the file arming the hold
+ * @point: enum hmm_dmirror_hold_point
+ * @range: range of the mirrored address space to hold tasks for
+ *
+ * Return: 0, -EINVAL for an unknown @point, -EBUSY when the device's hold is
+ * in use.
+ */
+static int dmirror_hold_arm(struct dmirror *dmirror, u32 point,
+			    const struct dmirror_range *range)
+{
+	struct dmirror_device *mdevice = dmirror->mdevice;
+	struct dmirror_hold *hold = &mdevice->hold;
+	int ret = 0;
+
+	if (point != HMM_DMIRROR_HOLD_FAULT &&
+	    point != HMM_DMIRROR_HOLD_INVALIDATE)
+		return -EINVAL;
+
+	spin_lock(&mdevice->lock);
+	if (hold->owner) {
+		ret = -EBUSY;
+	} else {
+		hold->point = point;
+		hold->start = range->start;
+		hold->end = range->end;
+		WRITE_ONCE(hold->held, false);
+		WRITE_ONCE(hold->owner, dmirror);
+	}
+	spin_unlock(&mdevice->lock);
+	return ret;
+}
+
+/* The file's hold is armed or holding a task; its generation in @gen. */
+static bool dmirror_hold_owned(struct dmirror *dmirror, unsigned long *gen)
+{
+	struct dmirror_device *mdevice = dmirror->mdevice;
+	bool owned;
+
+	spin_lock(&mdevice->lock);
+	owned = mdevice->hold.owner == dmirror;
+	*gen = mdevice->hold.gen;
+	spin_unlock(&mdevice->lock);
+	return owned;
+}
+
+/**
+ * dmirror_hold_wait() - HMM_DMIRROR_HOLD_WAIT
+ * @dmirror: mirror of the file that armed the hold
+ *
+ * Return: 0 once a task is held, -ENOENT when the file's hold ended or there
+ * is none, -EINTR on a fatal signal.
+ */
+static int dmirror_hold_wait(struct dmirror *dmirror)
+{
+	struct dmirror_hold *hold = &dmirror->mdevice->hold;
+	unsigned long gen;
+
+	if (!dmirror_hold_owned(dmirror, &gen))
+		return -ENOENT;
+	if (wait_event_killable(hold->wq,
+				READ_ONCE(hold->gen) != gen || READ_ONCE(hold->held)))
+		return -EINTR;
+	return READ_ONCE(hold->gen) == gen ? 0 : -ENOENT;
+}
+
+/**
+ * dmirror_hold_release() - HMM_DMIRROR_HOLD_RELEASE, and on close
+ * @dmirror: mirror of the file that armed the hold
+ *
+ * Return: 0, or -ENOENT when the file has no hold.
+ */
+static int dmirror_hold_release(struct dmirror *dmirror)
+{
+	unsigned long gen;
+
+	if (!dmirror_hold_owned(dmirror, &gen))
+		return -ENOENT;
+	dmirror_hold_end(dmirror->mdevice, gen);
+	return 0;
+}
+
+/* ------------------------------------------------------------------------
  * Invalidation
  */
 
@@ -1311,6 +1500,12 @@ static bool dmirror_invalidate_begin(struct dmirror_notifier *dn,
 	}
 
 	mmu_interval_set_seq(&dn->mni, cur_seq);
+	WRITE_ONCE(dn->nr_invalidated, dn->nr_invalidated + 1);
+	/*
+	 * Before the core ends the invalidation: a fault that sees the end in
+	 * mmu_interval_read_begin() sees the count (dmirror_range_fault_locked()).
+	 */
+	smp_wmb();
 	if (dn->leaf) {
 		*cleared = dmirror_leaf_clear(dmirror, dn->leaf, start, end,
 					      false);
@@ -1328,6 +1523,18 @@ refuse:
 	atomic64_inc(&mdevice->stats.nonblock_refused);
 	dmirror_log_note(*log, DMIRROR_LOG_REFUSED);
 	return false;
+}
+
+/*
+ * HMM_DMIRROR_HOLD_INVALIDATE: the new sequence is published and the device
+ * PTEs are clear, the CPU page table is not changed yet.
+ */
+static void dmirror_hold_invalidation(struct dmirror *dmirror,
+				      const struct mmu_notifier_range *range)
+{
+	if (mmu_notifier_range_blockable(range))
+		dmirror_hold_reached(dmirror, HMM_DMIRROR_HOLD_INVALIDATE,
+				     range->start, range->end);
 }
 
 /**
@@ -1357,7 +1564,49 @@ static bool dmirror_invalidate(struct mmu_interval_notifier *mni,
 	if (cleared)
 		dmirror_flush_sync(dn->dmirror->mdevice, latency, log,
 				   DMIRROR_LOG_SYNC);
+	dmirror_hold_invalidation(dn->dmirror, range);
 	return true;
+}
+
+/**
+ * dmirror_flush_start() - the flush of a two-pass invalidate_start()
+ * @mdevice: device
+ * @range: the invalidation
+ * @latency: how long the flush takes, in ns
+ * @log: record of the invalidation
+ *
+ * Submits the flush without waiting for it, with a finish object to wait in
+ * the second pass. Without a free finish object, waits here instead (counted
+ * as a synchronous fallback). A range that may not block never gets a finish
+ * object: dmirror_invalidate_begin() lets one through only when its flush
+ * completes at once, and the finish pass of such a range may not sleep.
+ *
+ * Return: the finish object, or NULL when the flush is done.
+ */
+static struct mmu_interval_notifier_finish *
+dmirror_flush_start(struct dmirror_device *mdevice,
+		    const struct mmu_notifier_range *range, u64 latency,
+		    u64 log)
+{
+	struct dmirror_flush *flush;
+
+	if (!mmu_notifier_range_blockable(range)) {
+		/* Only let through when the flush completes at once. */
+		dmirror_flush_sync(mdevice, latency, log, DMIRROR_LOG_SYNC);
+		return NULL;
+	}
+
+	flush = dmirror_flush_get(mdevice);
+	if (!flush) {
+		atomic64_inc(&mdevice->stats.sync_fallbacks);
+		dmirror_flush_sync(mdevice, latency, log, DMIRROR_LOG_FALLBACK);
+		return NULL;
+	}
+	flush->log = log;
+	dmirror_log_note(log, DMIRROR_LOG_START);
+	dmirror_flush_submit(flush, latency);
+	atomic64_inc(&mdevice->stats.two_pass_starts);
+	return &flush->finish;
 }
 
 /**
@@ -1369,10 +1618,7 @@ static bool dmirror_invalidate(struct mmu_interval_notifier *mni,
  *
  * Clears the device PTEs and submits the TLB flush without waiting for it,
  * so that the core can start the flushes of every device before waiting for
- * any. Without a free finish object, waits here instead (counted as a
- * synchronous fallback). A range that may not block never gets a finish
- * object: dmirror_invalidate_begin() lets one through only when its flush
- * completes at once, and the finish pass of such a range may not sleep.
+ * any (dmirror_flush_start()).
  *
  * Return: false if the range may not block and the work would sleep.
  */
@@ -1383,8 +1629,6 @@ dmirror_invalidate_start(struct mmu_interval_notifier *mni,
 			 struct mmu_interval_notifier_finish **finish)
 {
 	struct dmirror_notifier *dn = to_dmirror_notifier(mni);
-	struct dmirror_device *mdevice = dn->dmirror->mdevice;
-	struct dmirror_flush *flush;
 	unsigned long cleared;
 	u64 latency, log;
 
@@ -1393,25 +1637,10 @@ dmirror_invalidate_start(struct mmu_interval_notifier *mni,
 	if (!dmirror_invalidate_begin(dn, range, cur_seq, &log, &cleared,
 				      &latency))
 		return false;
-	if (!cleared)
-		return true;
-	if (!mmu_notifier_range_blockable(range)) {
-		/* Only let through when the flush completes at once. */
-		dmirror_flush_sync(mdevice, latency, log, DMIRROR_LOG_SYNC);
-		return true;
-	}
-
-	flush = dmirror_flush_get(mdevice);
-	if (!flush) {
-		atomic64_inc(&mdevice->stats.sync_fallbacks);
-		dmirror_flush_sync(mdevice, latency, log, DMIRROR_LOG_FALLBACK);
-		return true;
-	}
-	flush->log = log;
-	dmirror_log_note(log, DMIRROR_LOG_START);
-	dmirror_flush_submit(flush, latency);
-	atomic64_inc(&mdevice->stats.two_pass_starts);
-	*finish = &flush->finish;
+	if (cleared)
+		*finish = dmirror_flush_start(dn->dmirror->mdevice, range,
+					      latency, log);
+	dmirror_hold_invalidation(dn->dmirror, range);
 	return true;
 }
 
@@ -1447,15 +1676,23 @@ static const struct mmu_interval_notifier_ops dmirror_two_pass_ops = {
 /**
  * dmirror_range_fault_locked() - one hmm_range_fault() pass under mmap lock
  * @range: range to fault; its notifier sequence is refreshed
+ * @seen: NULL, or for a range of a &struct dmirror_notifier, output: its
+ *	&dmirror_notifier.nr_invalidated when mmu_interval_read_begin() returned
  *
  * Return: as hmm_range_fault(), or -EINTR on a fatal signal.
  */
-static int dmirror_range_fault_locked(struct hmm_range *range)
+static int dmirror_range_fault_locked(struct hmm_range *range,
+				      unsigned long *seen)
 {
 	struct mm_struct *mm = range->notifier->mm;
 	int ret;
 
 	range->notifier_seq = mmu_interval_read_begin(range->notifier);
+	if (seen) {
+		/* Pairs with smp_wmb() in dmirror_invalidate_begin(). */
+		smp_rmb();
+		*seen = READ_ONCE(to_dmirror_notifier(range->notifier)->nr_invalidated);
+	}
 	ret = mmap_read_lock_killable(mm);
 	if (ret)
 		return ret;
@@ -1572,6 +1809,42 @@ static int dmirror_retry_again(struct dmirror_retry *retry)
 }
 
 /**
+ * dmirror_may_install() - may a fault pass install what it read?
+ * @dmirror: mirror
+ * @leaf: the leaf the pass looked up
+ * @range: the pass
+ * @seen: what dmirror_range_fault_locked() saw, NULL when the pass did not
+ *	call mmu_interval_read_begin() itself
+ *
+ * Asks mmu_interval_read_retry(), and checks its answer: an invalidation
+ * that reached this driver's callback after mmu_interval_read_begin()
+ * returned published a new sequence, so the core must say retry. When it
+ * does not, the device would map pages the CPU no longer maps: warn once,
+ * count it, and retry anyway.
+ *
+ * Context: pt_lock held.
+ * Return: true if the pass may install.
+ */
+static bool dmirror_may_install(struct dmirror *dmirror,
+				struct dmirror_leaf *leaf,
+				const struct hmm_range *range,
+				const unsigned long *seen)
+{
+	struct dmirror_notifier *dn = to_dmirror_notifier(range->notifier);
+
+	lockdep_assert_held(&dmirror->pt_lock);
+	if (leaf->dead ||
+	    mmu_interval_read_retry(range->notifier, range->notifier_seq))
+		return false;
+	if (!seen || dn->nr_invalidated == *seen)
+		return true;
+	WARN_ONCE(1, "test_hmm: mmu_interval_read_retry() missed an invalidation of [%#lx, %#lx)\n",
+		  range->start, range->end);
+	atomic64_inc(&dmirror->mdevice->stats.stale_installs);
+	return false;
+}
+
+/**
  * dmirror_fault_batch() - fault one batch of pages into the device
  * @dmirror: mirror
  * @range: the batch; start, end, flags and pfn array set by the caller, end
@@ -1580,7 +1853,8 @@ static int dmirror_retry_again(struct dmirror_retry *retry)
  *
  * The collision-retry loop of the HMM documentation: read the CPU page
  * table, then take pt_lock and install the result only if no invalidation
- * ran since mmu_interval_read_begin() and the leaf is still in the table.
+ * ran since mmu_interval_read_begin() and the leaf is still in the table
+ * (dmirror_may_install()). HMM_DMIRROR_HOLD_FAULT holds the pass in between.
  * Gives up with -EBUSY if invalidations keep colliding (dmirror_retry_again()).
  *
  * Return: 0, or the error of hmm_range_fault() or of leaf creation.
@@ -1591,6 +1865,7 @@ static int dmirror_fault_batch(struct dmirror *dmirror,
 	unsigned long timeout = msecs_to_jiffies(DMIRROR_FAULT_TIMEOUT_MS);
 	struct dmirror_retry retry;
 	struct dmirror_leaf *leaf;
+	unsigned long seen = 0;
 	int ret;
 
 	dmirror_retry_init(&retry);
@@ -1605,7 +1880,7 @@ static int dmirror_fault_batch(struct dmirror *dmirror,
 		if (unlocked)
 			ret = hmm_range_fault_unlocked_timeout(range, timeout);
 		else
-			ret = dmirror_range_fault_locked(range);
+			ret = dmirror_range_fault_locked(range, &seen);
 		if (!ret && dmirror_needs_cpu_write_fault(range)) {
 			/*
 			 * hmm_range_fault() hands out the device's own private
@@ -1626,10 +1901,11 @@ static int dmirror_fault_batch(struct dmirror *dmirror,
 			break;
 		}
 		if (!ret) {
+			dmirror_hold_reached(dmirror, HMM_DMIRROR_HOLD_FAULT,
+					     range->start, range->end);
 			mutex_lock(&dmirror->pt_lock);
-			if (!leaf->dead &&
-			    !mmu_interval_read_retry(range->notifier,
-						     range->notifier_seq)) {
+			if (dmirror_may_install(dmirror, leaf, range,
+						unlocked ? NULL : &seen)) {
 				dmirror_pt_install(dmirror, leaf, range);
 				mutex_unlock(&dmirror->pt_lock);
 				break;
@@ -2468,7 +2744,7 @@ static int dmirror_snapshot_batch(struct dmirror_watch *snap,
 	int ret;
 
 	for (;;) {
-		ret = dmirror_range_fault_locked(range);
+		ret = dmirror_range_fault_locked(range, NULL);
 		if (ret && ret != -EBUSY)
 			return ret;
 		if (!ret) {
@@ -3089,6 +3365,13 @@ static void dmirror_stats_read(struct dmirror *dmirror,
 	out->notifier_removals = atomic64_read(&stats->notifier_removals);
 	out->fault_retries = atomic64_read(&stats->fault_retries);
 	out->exclusive_retries = atomic64_read(&stats->exclusive_retries);
+	out->stale_installs = atomic64_read(&stats->stale_installs);
+	out->finish_pool = DMIRROR_FLUSH_POOL;
+	spin_lock(&dmirror->mdevice->lock);
+	out->finish_free = DMIRROR_FLUSH_POOL -
+			   bitmap_weight(dmirror->mdevice->flush_busy,
+					 DMIRROR_FLUSH_POOL);
+	spin_unlock(&dmirror->mdevice->lock);
 }
 
 static void dmirror_stats_reset(struct dmirror_device *mdevice)
@@ -3108,6 +3391,7 @@ static void dmirror_stats_reset(struct dmirror_device *mdevice)
 	atomic64_set(&stats->notifier_removals, 0);
 	atomic64_set(&stats->fault_retries, 0);
 	atomic64_set(&stats->exclusive_retries, 0);
+	atomic64_set(&stats->stale_installs, 0);
 	atomic_set(&dmirror_flushes_in_flight_max,
 		   atomic_read(&dmirror_flushes_in_flight));
 }
@@ -3335,6 +3619,36 @@ static long dmirror_invalidations(struct dmirror *dmirror,
 	return ret;
 }
 
+/**
+ * dmirror_hold_ioctl() - HMM_DMIRROR_HOLD
+ * @dmirror: mirror
+ * @uarg: the caller's &struct hmm_dmirror_hold
+ *
+ * Return: as the operation, -EINVAL for an unknown one or a bad range,
+ * -EFAULT.
+ */
+static long dmirror_hold_ioctl(struct dmirror *dmirror,
+			       struct hmm_dmirror_hold __user *uarg)
+{
+	struct hmm_dmirror_hold arg;
+	struct dmirror_range range;
+	int ret;
+
+	if (copy_from_user(&arg, uarg, sizeof(arg)))
+		return -EFAULT;
+	switch (arg.op) {
+	case HMM_DMIRROR_HOLD_ARM:
+		ret = dmirror_user_range(arg.addr, arg.npages, &range);
+		return ret ? ret : dmirror_hold_arm(dmirror, arg.point, &range);
+	case HMM_DMIRROR_HOLD_WAIT:
+		return dmirror_hold_wait(dmirror);
+	case HMM_DMIRROR_HOLD_RELEASE:
+		return dmirror_hold_release(dmirror);
+	default:
+		return -EINVAL;
+	}
+}
+
 static long dmirror_fops_unlocked_ioctl(struct file *filp, unsigned int command,
 					unsigned long arg)
 {
@@ -3372,6 +3686,8 @@ static long dmirror_fops_unlocked_ioctl(struct file *filp, unsigned int command,
 		return dmirror_settings_set(mdevice, &set);
 	case HMM_DMIRROR_INVALIDATIONS:
 		return dmirror_invalidations(dmirror, uarg);
+	case HMM_DMIRROR_HOLD:
+		return dmirror_hold_ioctl(dmirror, uarg);
 	default:
 		return -ENOTTY;
 	}
@@ -3465,6 +3781,8 @@ static int dmirror_fops_release(struct inode *inode, struct file *filp)
 {
 	struct dmirror *dmirror = filp->private_data;
 
+	/* A task held for this file would keep the teardown waiting. */
+	dmirror_hold_release(dmirror);
 	dmirror_teardown(dmirror);
 	xa_destroy(&dmirror->leaves);
 	mmdrop(dmirror->mm);
@@ -3563,6 +3881,7 @@ static int dmirror_device_add(unsigned int id,
 	mdevice->id = id;
 	mdevice->mem_type = mem_type;
 	spin_lock_init(&mdevice->lock);
+	init_waitqueue_head(&mdevice->hold.wq);
 	mutex_init(&mdevice->chunk_lock);
 	spin_lock_init(&mdevice->mem_lock);
 	INIT_LIST_HEAD(&mdevice->chunks);

@@ -115,12 +115,20 @@ struct hmm_dmirror_cmd {
  * passes ran. Tests prove the two-pass protocol from it rather than from time, and
  * ignore invalidations they did not cause (reclaim, compaction, NUMA
  * balancing) by their range and event.
+ *
+ * HMM_DMIRROR_HOLD: a debug hold point (struct hmm_dmirror_hold). A test arms
+ * one point of the device for a range of the address space its file mirrors;
+ * the next task of that address space to reach the point for the range stops
+ * there until the test releases it, so that the test can run something in
+ * the window every time rather than when it happens to fall in it. Off
+ * unless armed; one hold per device at a time.
  */
 #define HMM_DMIRROR_STATS		_IOR('H', 0x40, struct hmm_dmirror_stats)
 #define HMM_DMIRROR_STATS_RESET		_IO('H', 0x41)
 #define HMM_DMIRROR_GET_SETTINGS	_IOR('H', 0x42, struct hmm_dmirror_settings)
 #define HMM_DMIRROR_SET_SETTINGS	_IOW('H', 0x43, struct hmm_dmirror_settings)
 #define HMM_DMIRROR_INVALIDATIONS	_IOWR('H', 0x44, struct hmm_dmirror_inval_query)
+#define HMM_DMIRROR_HOLD		_IOW('H', 0x45, struct hmm_dmirror_hold)
 
 /*
  * Index of hmm_dmirror_stats.invalidations: the kernel's enum
@@ -158,6 +166,15 @@ struct hmm_dmirror_cmd {
  *	the fault ran again
  * @exclusive_retries: attempts to take a page for exclusive access that
  *	an invalidation of the page made stale, so the attempt ran again
+ * @stale_installs: device fault passes that mmu_interval_read_retry() let
+ *	install although an invalidation of the range had reached the driver
+ *	after mmu_interval_read_begin() returned: the core broke the
+ *	collision-retry protocol. The driver warns once, installs nothing and
+ *	runs the pass again. Only faults that call mmu_interval_read_begin()
+ *	themselves are checked (not %HMM_DMIRROR_READ_UNLOCKED)
+ * @finish_pool: finish objects the device has for two-pass invalidations
+ * @finish_free: how many of them are free now; @finish_pool when no
+ *	two-pass invalidation of the device is between its passes
  */
 struct hmm_dmirror_stats {
 	__u64		faults;
@@ -173,6 +190,9 @@ struct hmm_dmirror_stats {
 	__u64		notifier_removals;
 	__u64		fault_retries;
 	__u64		exclusive_retries;
+	__u64		stale_installs;
+	__u64		finish_pool;
+	__u64		finish_free;
 };
 
 /**
@@ -238,6 +258,62 @@ struct hmm_dmirror_inval_query {
 	__u32		nr_max;
 	__u32		nr;
 	__u64		last;
+};
+
+/* Operations of %HMM_DMIRROR_HOLD */
+enum hmm_dmirror_hold_op {
+	HMM_DMIRROR_HOLD_ARM = 1,
+	HMM_DMIRROR_HOLD_WAIT = 2,
+	HMM_DMIRROR_HOLD_RELEASE = 3,
+};
+
+/**
+ * enum hmm_dmirror_hold_point - where a task can be held
+ * @HMM_DMIRROR_HOLD_FAULT: a device fault pass, after hmm_range_fault() has
+ *	read the CPU page table and dropped the mmap lock, before the driver
+ *	takes its page-table lock to ask mmu_interval_read_retry() whether the
+ *	result may be installed. An invalidation run meanwhile must make the
+ *	pass run again (&hmm_dmirror_stats.fault_retries).
+ * @HMM_DMIRROR_HOLD_INVALIDATE: an invalidation, in the driver's callback
+ *	after it published the new notifier sequence and cleared the device
+ *	PTEs, and before the core changes the CPU page table: single pass,
+ *	before invalidate() returns; two pass, before invalidate_start()
+ *	returns, so before any invalidate_finish(). A device fault that begins
+ *	meanwhile must wait in mmu_interval_read_begin(). Only invalidations
+ *	that may block are held, and none of a task that is exiting.
+ */
+enum hmm_dmirror_hold_point {
+	HMM_DMIRROR_HOLD_FAULT = 1,
+	HMM_DMIRROR_HOLD_INVALIDATE = 2,
+};
+
+/**
+ * struct hmm_dmirror_hold - argument of %HMM_DMIRROR_HOLD
+ * @op: (in) enum hmm_dmirror_hold_op
+ * @point: (in) enum hmm_dmirror_hold_point, for %HMM_DMIRROR_HOLD_ARM
+ * @addr: (in) page-aligned start of the range, for %HMM_DMIRROR_HOLD_ARM
+ * @npages: (in) its size in pages, for %HMM_DMIRROR_HOLD_ARM
+ *
+ * %HMM_DMIRROR_HOLD_ARM: hold the next thread of the mirrored process that
+ * reaches @point for a range overlapping [@addr, @addr + @npages pages).
+ * -EBUSY when a hold of the device is armed already, -EINVAL for a bad @op,
+ * @point or range.
+ *
+ * %HMM_DMIRROR_HOLD_WAIT: wait until a task is held at the point armed with
+ * this file. -ENOENT when the file has no hold armed or holding (a held task
+ * that got a fatal signal lets go on its own), -EINTR on a fatal signal.
+ *
+ * %HMM_DMIRROR_HOLD_RELEASE: let the held task go on, or disarm the hold if
+ * no task reached it yet. -ENOENT when the file has no hold. Closing the file
+ * releases its hold.
+ *
+ * The task that arms a hold must not reach the point itself.
+ */
+struct hmm_dmirror_hold {
+	__u32		op;
+	__u32		point;
+	__u64		addr;
+	__u64		npages;
 };
 
 /* How a device subscribes to invalidations of the address space it mirrors. */

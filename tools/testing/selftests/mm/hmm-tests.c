@@ -4788,6 +4788,473 @@ TEST_F(hmm_inval, flushes_in_flight)
 	free(mirror);
 }
 
+static int hmm_hold(int fd, __u32 op, __u32 point, void *addr, __u64 npages)
+{
+	struct hmm_dmirror_hold hold = {
+		.op = op,
+		.point = point,
+		.addr = (uintptr_t)addr,
+		.npages = npages,
+	};
+
+	return hmm_ioctl(fd, HMM_DMIRROR_HOLD, &hold);
+}
+
+/*
+ * A job run by a thread of its own that waits, once started, until told to
+ * go: the thread exists (its stack is mapped) before the job has to run in
+ * a window where the test must not take the mmap lock for writing.
+ */
+struct hmm_job {
+	pthread_t		thread;
+	pthread_barrier_t	ready;
+	int			go[2];
+	int			(*fn)(void *arg);
+	void			*arg;
+	pid_t			tid;
+	int			ret;	/* of fn */
+	int			done;	/* fn returned; atomic */
+};
+
+static void *hmm_job_thread(void *arg)
+{
+	struct hmm_job *job = arg;
+	char c;
+
+	job->tid = syscall(SYS_gettid);
+	pthread_barrier_wait(&job->ready);
+	while (read(job->go[0], &c, 1) < 0 && errno == EINTR)
+		;
+	job->ret = job->fn(job->arg);
+	__atomic_store_n(&job->done, 1, __ATOMIC_RELEASE);
+	return NULL;
+}
+
+/* Start the thread of @job, to run @fn(@arg) at hmm_job_go(). */
+static int hmm_job_start(struct hmm_job *job, int (*fn)(void *), void *arg)
+{
+	job->fn = fn;
+	job->arg = arg;
+	job->done = 0;
+	if (pipe(job->go))
+		return -errno;
+	if (pthread_barrier_init(&job->ready, NULL, 2) ||
+	    pthread_create(&job->thread, NULL, hmm_job_thread, job))
+		return -EAGAIN;
+	pthread_barrier_wait(&job->ready);
+	return 0;
+}
+
+static void hmm_job_go(struct hmm_job *job)
+{
+	close(job->go[1]);
+}
+
+static bool hmm_job_done(struct hmm_job *job)
+{
+	return __atomic_load_n(&job->done, __ATOMIC_ACQUIRE);
+}
+
+/* Wait for the job to end: what its function returned. */
+static int hmm_job_join(struct hmm_job *job)
+{
+	pthread_join(job->thread, NULL);
+	close(job->go[0]);
+	pthread_barrier_destroy(&job->ready);
+	return job->ret;
+}
+
+/*
+ * Whether thread @tid of this process sleeps uninterruptibly ("D" in its
+ * /proc stat), as one waiting in mmu_interval_read_begin() does. Plain
+ * system calls and a stack buffer: nothing here takes the mmap lock.
+ */
+static bool hmm_thread_blocked(pid_t tid)
+{
+	char path[64], buf[512], *p;
+	ssize_t n;
+	int fd;
+
+	snprintf(path, sizeof(path), "/proc/self/task/%d/stat", tid);
+	fd = open(path, O_RDONLY);
+	if (fd < 0)
+		return false;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return false;
+	buf[n] = '\0';
+	p = strrchr(buf, ')');
+	return p && p[1] == ' ' && p[2] == 'D';
+}
+
+/* A device read of a buffer, as a job. */
+struct hmm_read_job {
+	int			fd;
+	char			*buf;
+	char			*mirror;
+	__u64			npages;
+	struct hmm_dmirror_cmd	cmd;
+};
+
+static int hmm_read_job_fn(void *arg)
+{
+	struct hmm_read_job *r = arg;
+
+	return hmm_cmd(r->fd, HMM_DMIRROR_READ, r->buf, r->mirror, r->npages,
+		       &r->cmd);
+}
+
+/* CPU operations that invalidate a range and keep its VMA. */
+struct hmm_held_op {
+	char		*buf;
+	size_t		size;
+	enum hmm_cpu_op	op;
+	__u32		seed;	/* HMM_CPU_COW: the parent's new data */
+};
+
+static int hmm_held_op_fn(void *arg)
+{
+	struct hmm_held_op *o = arg;
+
+	if (o->op == HMM_CPU_DONTNEED)
+		return madvise(o->buf, o->size, MADV_DONTNEED) ? -errno : 0;
+	hmm_fill(o->buf, o->size, o->seed);
+	return 0;
+}
+
+static const struct {
+	const char	*name;
+	enum hmm_cpu_op	op;
+} hmm_held_ops[] = {
+	{ "MADV_DONTNEED", HMM_CPU_DONTNEED },
+	{ "CPU write after fork", HMM_CPU_COW },
+};
+
+/* Map @size bytes filled with @seed for hmm_held_ops[@i]; NULL on failure. */
+static char *hmm_held_op_init(struct hmm_held_op *o, unsigned int i,
+			      size_t size, __u32 seed)
+{
+	*o = (struct hmm_held_op){
+		.size = size,
+		.op = hmm_held_ops[i].op,
+		.seed = seed ^ 0xc0e,
+	};
+	o->buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	if (o->buf)
+		hmm_fill(o->buf, size, seed);
+	return o->buf;
+}
+
+/*
+ * The first byte of @mirror, a device read of @len bytes at the start of
+ * the buffer, that differs from what the CPU has there after @o; -1 if none.
+ */
+static long hmm_held_op_check(const struct hmm_held_op *o, const char *mirror,
+			      size_t len)
+{
+	if (o->op == HMM_CPU_DONTNEED)
+		return hmm_check_bytes(mirror, len, 0);
+	return hmm_check(mirror, len, o->seed);
+}
+
+/*
+ * Read all of @o's buffer through @fd into @mirror: as hmm_held_op_check(),
+ * or -2 if the read failed.
+ */
+static long hmm_held_op_reread(int fd, const struct hmm_held_op *o,
+			       char *mirror, __u64 npages)
+{
+	struct hmm_dmirror_cmd cmd;
+
+	if (hmm_cmd(fd, HMM_DMIRROR_READ, o->buf, mirror, npages, &cmd) ||
+	    cmd.cpages != npages)
+		return -2;
+	return hmm_held_op_check(o, mirror, o->size);
+}
+
+/*
+ * Fork a child that holds a copy-on-write share of @buf until @hold[1] is
+ * closed; -1 on failure, else its pid.
+ */
+static pid_t hmm_fork_holder(char *buf, __u64 npages, size_t page_size,
+			     __u32 seed, int hold[2])
+{
+	pid_t pid;
+
+	if (pipe2(hold, O_CLOEXEC))
+		return -1;
+	fflush(NULL);
+	pid = fork();
+	if (!pid) {
+		close(hold[1]);
+		_exit(hmm_child_hold(hold[0], buf, npages, page_size, seed));
+	}
+	close(hold[0]);
+	return pid;
+}
+
+/* Close @hold and reap @pid: 0 if the child exited with status 0. */
+static int hmm_reap_holder(pid_t pid, int hold[2])
+{
+	int status;
+
+	close(hold[1]);
+	if (hmm_waitpid(pid, &status) != pid || !WIFEXITED(status))
+		return -1;
+	return WEXITSTATUS(status);
+}
+
+/*
+ * A device fault is held after hmm_range_fault() read the CPU page table
+ * and before the driver checks mmu_interval_read_retry(); meanwhile the CPU
+ * drops the pages (MADV_DONTNEED) or replaces them (copy on write after
+ * fork()). Released, the fault must see the collision and run again
+ * (fault_retries), read the CPU's new data, and leave nothing stale in the
+ * device page table: a second read gives the same data, and the driver's
+ * own check of the core (stale_installs) found nothing.
+ */
+TEST_F(hmm_inval, hold_fault_vs_cpu_op)
+{
+	const __u64 npages = HMM_NPAGES;
+	size_t size = npages * self->page_size;
+	struct hmm_read_job r = { .fd = self->fd[0], .npages = npages };
+	struct hmm_dmirror_stats stats;
+	struct hmm_held_op o;
+	struct hmm_job job;
+	pid_t pid = -1;
+	unsigned int i;
+	int hold[2];
+	__u32 seed;
+	long bad;
+
+	r.mirror = malloc(size);
+	ASSERT_NE(NULL, r.mirror);
+	for (i = 0; i < ARRAY_SIZE(hmm_held_ops); i++) {
+		const char *name = hmm_held_ops[i].name;
+
+		seed = 0x401d + i;
+		r.buf = hmm_held_op_init(&o, i, size, seed);
+		ASSERT_NE(NULL, r.buf);
+		ASSERT_EQ(0, hmm_stats_reset(self->fd[0]));
+
+		ASSERT_EQ(0, hmm_job_start(&job, hmm_read_job_fn, &r));
+		ASSERT_EQ(0, hmm_hold(self->fd[0], HMM_DMIRROR_HOLD_ARM,
+				      HMM_DMIRROR_HOLD_FAULT, o.buf, npages));
+		hmm_job_go(&job);
+		ASSERT_EQ(0, hmm_hold(self->fd[0], HMM_DMIRROR_HOLD_WAIT, 0,
+				      NULL, 0)) TH_LOG("%s", name);
+		if (o.op == HMM_CPU_COW) {
+			pid = hmm_fork_holder(o.buf, npages, self->page_size,
+					      seed, hold);
+			ASSERT_LE(0, pid);
+		}
+		ASSERT_EQ(0, hmm_held_op_fn(&o)) TH_LOG("%s", name);
+		ASSERT_EQ(0, hmm_hold(self->fd[0], HMM_DMIRROR_HOLD_RELEASE, 0,
+				      NULL, 0));
+		ASSERT_EQ(0, hmm_job_join(&job)) TH_LOG("%s", name);
+		ASSERT_EQ(npages, r.cmd.cpages);
+
+		bad = hmm_held_op_check(&o, r.mirror, size);
+		ASSERT_EQ(-1, bad)
+			TH_LOG("%s: the held fault read old data at %ld", name,
+			       bad);
+		ASSERT_EQ(0, hmm_stats(self->fd[0], &stats));
+		ASSERT_LE(1ULL, stats.fault_retries)
+			TH_LOG("%s: the held fault did not run again", name);
+		ASSERT_EQ(0ULL, stats.stale_installs) TH_LOG("%s", name);
+
+		bad = hmm_held_op_reread(self->fd[0], &o, r.mirror, npages);
+		ASSERT_EQ(-1, bad)
+			TH_LOG("%s: the device kept a stale page at %ld", name,
+			       bad);
+		if (pid > 0) {
+			ASSERT_EQ(0, hmm_reap_holder(pid, hold));
+			pid = -1;
+		}
+		munmap(o.buf, size);
+	}
+	free(r.mirror);
+}
+
+/*
+ * An invalidation is held in the driver's callback, after it published the
+ * new sequence and before the CPU page table changes (two pass: before any
+ * invalidate_finish()). A device fault of the range that begins then must
+ * wait in mmu_interval_read_begin() until the invalidation ends, so the
+ * test lets the invalidation go once the fault is blocked (or, were the
+ * core broken, done). The fault then reads what the CPU maps after the
+ * operation, and a second read finds the same: no stale page was installed.
+ */
+TEST_F(hmm_inval, hold_invalidate_vs_fault)
+{
+	const __u64 npages = HMM_NPAGES;
+	size_t size = npages * self->page_size;
+	/* One page: the fault must not collide with every page's COW. */
+	struct hmm_read_job r = { .fd = self->fd[0], .npages = 1 };
+	struct hmm_dmirror_stats stats;
+	struct hmm_job reader, cpu;
+	struct hmm_held_op o;
+	pid_t pid = -1;
+	int hold[2];
+	unsigned int i;
+	__u32 seed;
+	long bad;
+
+	r.mirror = malloc(size);
+	ASSERT_NE(NULL, r.mirror);
+	for (i = 0; i < ARRAY_SIZE(hmm_held_ops); i++) {
+		const char *name = hmm_held_ops[i].name;
+
+		seed = 0x1a7e + i;
+		r.buf = hmm_held_op_init(&o, i, size, seed);
+		ASSERT_NE(NULL, r.buf);
+		if (o.op == HMM_CPU_COW) {
+			pid = hmm_fork_holder(o.buf, npages, self->page_size,
+					      seed, hold);
+			ASSERT_LE(0, pid);
+		}
+		/*
+		 * The first page is mirrored, after fork(), whose write
+		 * protection empties the device page table: in the per-leaf
+		 * model an emptied leaf goes with its notifier, and the
+		 * operation would not be told. Only that page: each page the
+		 * operation took from the device would cost a flush, and
+		 * the fault collides with every one.
+		 */
+		ASSERT_EQ(0, hmm_read_job_fn(&r));
+		ASSERT_EQ(0, hmm_stats_reset(self->fd[0]));
+
+		ASSERT_EQ(0, hmm_job_start(&reader, hmm_read_job_fn, &r));
+		ASSERT_EQ(0, hmm_job_start(&cpu, hmm_held_op_fn, &o));
+		ASSERT_EQ(0, hmm_hold(self->fd[0], HMM_DMIRROR_HOLD_ARM,
+				      HMM_DMIRROR_HOLD_INVALIDATE, o.buf,
+				      npages));
+		hmm_job_go(&cpu);
+		ASSERT_EQ(0, hmm_hold(self->fd[0], HMM_DMIRROR_HOLD_WAIT, 0,
+				      NULL, 0)) TH_LOG("%s", name);
+		hmm_job_go(&reader);
+		while (!hmm_job_done(&reader) && !hmm_thread_blocked(reader.tid))
+			sched_yield();
+		ASSERT_EQ(0, hmm_hold(self->fd[0], HMM_DMIRROR_HOLD_RELEASE, 0,
+				      NULL, 0));
+		ASSERT_EQ(0, hmm_job_join(&cpu)) TH_LOG("%s", name);
+		ASSERT_EQ(0, hmm_job_join(&reader)) TH_LOG("%s", name);
+		ASSERT_EQ(1ULL, r.cmd.cpages);
+		if (o.op == HMM_CPU_DONTNEED) {
+			/* The page was dropped before the fault could read. */
+			ASSERT_EQ(-1, hmm_held_op_check(&o, r.mirror,
+							self->page_size))
+				TH_LOG("%s: the fault read a dropped page",
+				       name);
+		}
+
+		bad = hmm_held_op_reread(self->fd[0], &o, r.mirror, npages);
+		ASSERT_EQ(-1, bad)
+			TH_LOG("%s: the device kept a stale page at %ld", name,
+			       bad);
+		ASSERT_EQ(0, hmm_stats(self->fd[0], &stats));
+		ASSERT_EQ(0ULL, stats.stale_installs) TH_LOG("%s", name);
+		if (pid > 0) {
+			ASSERT_EQ(0, hmm_reap_holder(pid, hold));
+			pid = -1;
+		}
+		munmap(o.buf, size);
+	}
+	free(r.mirror);
+}
+
+/* Every two-pass start of device @fd's had its finish, and the pool is full. */
+static const char *hmm_finishes_balanced(int fd, struct hmm_dmirror_stats *stats)
+{
+	if (hmm_stats(fd, stats))
+		return "no stats";
+	if (stats->two_pass_starts != stats->two_pass_finishes)
+		return "a two-pass start had no finish";
+	if (stats->finish_free != stats->finish_pool)
+		return "finish objects are missing from the pool";
+	return NULL;
+}
+
+/* Mirror @npages pages on each private device, then exit with the files open. */
+static int hmm_child_mirror_exit(__u64 npages, size_t page_size)
+{
+	size_t size = npages * page_size;
+	struct hmm_dmirror_cmd cmd;
+	char *buf, *mirror;
+	unsigned int d;
+	int fd;
+
+	buf = hmm_map_anon(size, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+	mirror = malloc(size);
+	if (!buf || !mirror)
+		return 1;
+	hmm_fill(buf, size, 0xe5);
+	for (d = 0; d < HMM_NPRIVATE; d++) {
+		fd = hmm_open(hmm_private_ids[d]);
+		if (fd < 0 ||
+		    hmm_cmd(fd, HMM_DMIRROR_READ, buf, mirror, npages, &cmd))
+			return 2;
+	}
+	return 0;
+}
+
+/* Rounds of exit_finishes to wait for a release that reaches the devices. */
+#define HMM_EXIT_RELEASE_TRIES	5
+
+/*
+ * A process mirrors memory on every device and exits with its files open:
+ * exit_mmap() tells every mirror (MMU_NOTIFY_RELEASE) before the files are
+ * closed. Every two-pass start of that release had its finish, and every
+ * device has all its finish objects back. Should the process's last mm
+ * reference be dropped by someone else after its files closed, nothing was
+ * mirrored any more and the round is run again.
+ */
+TEST_F(hmm_inval, exit_finishes)
+{
+	bool two_pass = variant->invalidation == HMM_DMIRROR_TWO_PASS;
+	struct hmm_dmirror_stats stats;
+	unsigned int d, released = 0, round;
+	const char *why;
+	int status;
+	pid_t pid;
+
+	for (round = 0; round < HMM_EXIT_RELEASE_TRIES && released < HMM_NPRIVATE;
+	     round++) {
+		for (d = 0; d < HMM_NPRIVATE; d++)
+			ASSERT_EQ(0, hmm_stats_reset(self->fd[d]));
+		fflush(NULL);
+		pid = fork();
+		ASSERT_LE(0, pid);
+		if (!pid)
+			_exit(hmm_child_mirror_exit(HMM_NPAGES,
+						    self->page_size));
+		ASSERT_EQ(pid, hmm_waitpid(pid, &status));
+		ASSERT_TRUE(WIFEXITED(status)) TH_LOG("status 0x%x", status);
+		ASSERT_EQ(0, WEXITSTATUS(status));
+
+		released = 0;
+		for (d = 0; d < HMM_NPRIVATE; d++) {
+			why = hmm_finishes_balanced(self->fd[d], &stats);
+			ASSERT_EQ(NULL, why)
+				TH_LOG("device %d: %s (%llu starts, %llu finishes, %llu/%llu free)",
+				       hmm_private_ids[d], why,
+				       stats.two_pass_starts,
+				       stats.two_pass_finishes,
+				       stats.finish_free, stats.finish_pool);
+			if (!stats.invalidations[HMM_DMIRROR_EVENT_RELEASE])
+				continue;
+			released++;
+			ASSERT_EQ(two_pass, stats.two_pass_starts > 0)
+				TH_LOG("device %d: %llu two-pass starts",
+				       hmm_private_ids[d], stats.two_pass_starts);
+		}
+	}
+	if (released < HMM_NPRIVATE)
+		SKIP(return, "the exit's release reached %u of %zu devices in %u rounds",
+		     released, HMM_NPRIVATE, round);
+}
+
 /* Tests that give the private devices settings of their own. */
 FIXTURE(hmm_config)
 {
@@ -5058,7 +5525,8 @@ static int hmm_child_exit_busy(unsigned int n, size_t page_size)
 /*
  * A process exits while a thread of it keeps unmapping ranges that devices
  * in two passes mirror, so that invalidations are in flight: it exits
- * normally, and every notifier of its mirrors is gone once it is reaped.
+ * normally, and every notifier of its mirrors is gone once it is reaped,
+ * every two-pass start had its finish and the finish pools are full again.
  * Half of the devices have a notifier per leaf, half one for the whole
  * space.
  */
@@ -5069,13 +5537,15 @@ TEST_F(hmm_config, exit_during_invalidation)
 		.flush_latency_ns = 2 * HMM_MS,
 		.leaf_size = HMM_LEAF_SIZE,
 	};
+	struct hmm_dmirror_stats stats;
 	int fd[HMM_NPRIVATE], status;
 	unsigned int d, round;
-	char why[128];
+	const char *why;
+	char missing[128];
 	pid_t pid;
 
-	if (hmm_private_missing(HMM_NPRIVATE, why, sizeof(why)))
-		SKIP(return, "%s", why);
+	if (hmm_private_missing(HMM_NPRIVATE, missing, sizeof(missing)))
+		SKIP(return, "%s", missing);
 	for (d = 0; d < HMM_NPRIVATE; d++) {
 		set.notifier_model = d % 2 ? HMM_DMIRROR_NOTIFIER_WHOLE :
 					     HMM_DMIRROR_NOTIFIER_PER_LEAF;
@@ -5101,6 +5571,10 @@ TEST_F(hmm_config, exit_during_invalidation)
 			ASSERT_EQ(0, hmm_live_notifiers(hmm_private_ids[d]))
 				TH_LOG("round %u: device %d: notifiers left by the child",
 				       round, hmm_private_ids[d]);
+			why = hmm_finishes_balanced(fd[d], &stats);
+			ASSERT_EQ(NULL, why)
+				TH_LOG("round %u: device %d: %s", round,
+				       hmm_private_ids[d], why);
 		}
 	}
 	for (d = 0; d < HMM_NPRIVATE; d++)
