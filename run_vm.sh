@@ -1404,10 +1404,13 @@ mutants_baseline() {
 }
 
 # How many of the tests a mutant's header expects (Expect:, full names or
-# test names) are among FAILURES, as "k/n"; empty when it expects none.
+# test names) are among FAILURES, as "k/n"; empty when it expects none
+# ("Expect: none known").
 expected_caught() {
-	local m=$1 failures=$2 e n=0 k=0
-	for e in $(mutant_field "$m" Expect); do
+	local m=$1 failures=$2 e n=0 k=0 expect
+	expect=$(mutant_field "$m" Expect)
+	[[ $expect != none* ]] || return 0
+	for e in $expect; do
 		[[ $e =~ ^[a-z0-9_.]+$ ]] || continue
 		n=$((n + 1))
 		if echo "$failures" | grep -qE "(^|\.)${e//./\\.}\$"; then

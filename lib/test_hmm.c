@@ -69,6 +69,15 @@
  * PTE is never used again even before its flush completes; the engine models
  * the time a real device needs, and the protocol a real driver must follow.
  *
+ * Checking the core. A device fault trusts mmu_interval_read_retry() only so
+ * far: an invalidation that reached this driver after the fault's
+ * mmu_interval_read_begin() returned must make it say retry, and the driver
+ * counts and warns if it does not (&hmm_dmirror_stats.stale_installs). The
+ * windows such bugs hide in are narrow, so a test can arm a debug hold point
+ * (HMM_DMIRROR_HOLD, off by default) that stops the next fault between
+ * hmm_range_fault() and that check, or the next invalidation in the driver's
+ * callback, until the test has run what it wants inside the window.
+ *
  * Device memory. Each device owns ZONE_DEVICE memory in chunks: device
  * private chunks of 64 MiB are created with memremap_pages() when the device
  * first runs out, up to device_memory_mb; the coherent devices own the range
