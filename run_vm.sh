@@ -603,50 +603,19 @@ use_patched_source() {
 	BUILD_NAME+=-patched
 }
 
-# The files PATCH changes, one path a line, relative to the tree (-p1).
-patched_paths() {
-	awk '/^(---|\+\+\+) / {
-		sub(/^(---|\+\+\+) /, ""); sub(/\t.*/, "")
-		if ($0 != "/dev/null" && sub(/^[^\/]*\//, "")) print
-	}' "$1" | LC_ALL=C sort -u
-}
-
-# Makes the copy equal to the tree. The first time it is a full copy; after
-# that only the files the last patches changed are copied back, with a new
-# time so that make rebuilds them, and every other file keeps the time its
-# objects were built against. The list is written before the patches are
-# applied, so a patch that fails half way is undone too.
-restore_patched_copy() {
-	local list=$KSRC.files log=$1 f
-	if [ ! -f "$list" ]; then
-		progress "build: copy of $PATCH_BASE in $KSRC"
-		mkdir -p "$KSRC"
-		rsync -a --delete --exclude=/.git --out-format='%i %n' \
-			"$PATCH_BASE/" "$KSRC/" >"$log" 2>&1 ||
-			die 125 "copying $PATCH_BASE failed; see $log"
-		awk '$1 ~ /^>f/ { sub(/^[^ ]+ /, ""); print }' "$log" |
-			(cd "$KSRC" && xargs -r -d '\n' touch --)
-		return 0
-	fi
-	while read -r f; do
-		if [ -f "$PATCH_BASE/$f" ]; then
-			cmp -s "$PATCH_BASE/$f" "$KSRC/$f" ||
-				cp "$PATCH_BASE/$f" "$KSRC/$f"
-		else
-			rm -f "$KSRC/$f"
-		fi
-	done <"$list"
-}
-
 # Makes the copy equal to the tree, then applies the patches; run under the
-# build's exclusive lock.
+# build's exclusive lock. rsync compares contents, not times, and writes
+# what differs with a new time: make then rebuilds what the last patches
+# changed, or what a new base changed (a bisect step), and nothing else.
 apply_patches() {
 	local f log=$KBUILD/patches.log
 	rm -f "$KBUILD/.test_hmm-built"
-	mkdir -p "$KBUILD"
-	restore_patched_copy "$log"
-	patch_files | while read -r f; do patched_paths "$f"; done |
-		LC_ALL=C sort -u >"$KSRC.files"
+	mkdir -p "$KBUILD" "$KSRC"
+	progress "build: syncing the copy $KSRC with $PATCH_BASE"
+	rsync -rlpD --checksum --delete --exclude=/.git --out-format='%i %n' \
+		"$PATCH_BASE/" "$KSRC/" >"$log" 2>&1 ||
+		die 125 "copying $PATCH_BASE failed; see $log"
+	progress "build: $(grep -c '^>f' "$log") files copied"
 	while read -r f; do
 		progress "build: applying ${f##*/}"
 		patch -p1 -N -s --no-backup-if-mismatch -r - -d "$KSRC" \
