@@ -101,7 +101,7 @@ Options:
   --kernel-series X.Y  Debian linux-source series to test (default $KERNEL_SERIES_DEFAULT)
   --kernel-src DIR     use this kernel tree instead (e.g. a git bisect
                        checkout); it is built out of tree, never written to
-  --kernel-patches P   apply the patch P, or the patches P/*.patch in name
+  --kernel-patches P   apply the patch P, or P/*.patch and P/*.diff in name
                        order (patch -p1), to a copy of the kernel tree and
                        test that; the copy and its build are kept and
                        rebuilt incrementally for the next set of patches

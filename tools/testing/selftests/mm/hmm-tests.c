@@ -4589,6 +4589,38 @@ FIXTURE_TEARDOWN_PARENT(hmm_inval)
 	EXPECT_EQ(0, hmm_restore_settings(&self->saved));
 }
 
+/*
+ * Fork a child that holds a copy-on-write share of @buf until @hold[1] is
+ * closed; -1 on failure, else its pid.
+ */
+static pid_t hmm_fork_holder(char *buf, __u64 npages, size_t page_size,
+			     __u32 seed, int hold[2])
+{
+	pid_t pid;
+
+	if (pipe2(hold, O_CLOEXEC))
+		return -1;
+	fflush(NULL);
+	pid = fork();
+	if (!pid) {
+		close(hold[1]);
+		_exit(hmm_child_hold(hold[0], buf, npages, page_size, seed));
+	}
+	close(hold[0]);
+	return pid;
+}
+
+/* Close @hold and reap @pid: 0 if the child exited with status 0. */
+static int hmm_reap_holder(pid_t pid, int hold[2])
+{
+	int status;
+
+	close(hold[1]);
+	if (hmm_waitpid(pid, &status) != pid || !WIFEXITED(status))
+		return -1;
+	return WEXITSTATUS(status);
+}
+
 /* CPU operations that change how a mirrored buffer is mapped. */
 enum hmm_cpu_op {
 	HMM_CPU_MUNMAP,
@@ -4626,7 +4658,7 @@ TEST_F(hmm_inval, cpu_op_refault)
 	size_t size = npages * self->page_size;
 	struct hmm_dmirror_stats stats;
 	struct hmm_dmirror_cmd cmd;
-	int status, hold[2], ret;
+	int hold[2], ret;
 	unsigned int i, d;
 	char *buf, *mirror;
 	__u32 seed;
@@ -4664,16 +4696,9 @@ TEST_F(hmm_inval, cpu_op_refault)
 			ASSERT_EQ(0, madvise(buf, size, MADV_DONTNEED));
 			break;
 		case HMM_CPU_COW:
-			ASSERT_EQ(0, pipe2(hold, O_CLOEXEC));
-			fflush(NULL);
-			pid = fork();
+			pid = hmm_fork_holder(buf, npages, self->page_size,
+					      seed, hold);
 			ASSERT_LE(0, pid);
-			if (!pid) {
-				close(hold[1]);
-				_exit(hmm_child_hold(hold[0], buf, npages,
-						     self->page_size, seed));
-			}
-			close(hold[0]);
 			seed ^= 0xc0e;
 			hmm_fill(buf, size, seed);
 			break;
@@ -4718,13 +4743,9 @@ TEST_F(hmm_inval, cpu_op_refault)
 			}
 		}
 
-		if (pid > 0) {
-			close(hold[1]);
-			ASSERT_EQ(pid, hmm_waitpid(pid, &status));
-			ASSERT_TRUE(WIFEXITED(status))
-				TH_LOG("child status 0x%x", status);
-			ASSERT_EQ(0, WEXITSTATUS(status));
-		}
+		if (pid > 0)
+			ASSERT_EQ(0, hmm_reap_holder(pid, hold))
+				TH_LOG("%s: the child's copy", name);
 		if (op != HMM_CPU_MUNMAP)
 			munmap(buf, size);
 	}
@@ -4971,38 +4992,6 @@ static long hmm_held_op_reread(int fd, const struct hmm_held_op *o,
 	    cmd.cpages != npages)
 		return -2;
 	return hmm_held_op_check(o, mirror, o->size);
-}
-
-/*
- * Fork a child that holds a copy-on-write share of @buf until @hold[1] is
- * closed; -1 on failure, else its pid.
- */
-static pid_t hmm_fork_holder(char *buf, __u64 npages, size_t page_size,
-			     __u32 seed, int hold[2])
-{
-	pid_t pid;
-
-	if (pipe2(hold, O_CLOEXEC))
-		return -1;
-	fflush(NULL);
-	pid = fork();
-	if (!pid) {
-		close(hold[1]);
-		_exit(hmm_child_hold(hold[0], buf, npages, page_size, seed));
-	}
-	close(hold[0]);
-	return pid;
-}
-
-/* Close @hold and reap @pid: 0 if the child exited with status 0. */
-static int hmm_reap_holder(pid_t pid, int hold[2])
-{
-	int status;
-
-	close(hold[1]);
-	if (hmm_waitpid(pid, &status) != pid || !WIFEXITED(status))
-		return -1;
-	return WEXITSTATUS(status);
 }
 
 /*
