@@ -61,6 +61,11 @@ readonly GUEST_PASS=1 GUEST_FAIL=2 GUEST_SKIP=3
 readonly IDLE_DEFAULT=900
 # A mutant that hangs the guest should cost minutes, not a quarter hour.
 readonly MUTANT_IDLE_DEFAULT=300
+# After this many tests in a row stopped by the harness timeout the kernel
+# is taken for wedged (a livelock, a task stuck in the kernel that every
+# later test runs into): the rest would each cost the timeout, and the run
+# has failed already.
+readonly MAX_TIMEOUTS_DEFAULT=3
 # Wall-clock limit of a whole boot, only a backstop for a guest that keeps
 # printing forever; and how much slower the KASAN kernel runs.
 readonly TIMEOUT_DEFAULT=7200
@@ -77,6 +82,7 @@ opt_add=()
 opt_jobs=$(nproc)
 opt_timeout=
 opt_idle=$IDLE_DEFAULT
+opt_max_timeouts=$MAX_TIMEOUTS_DEFAULT
 opt_lint=0
 opt_bench=0
 opt_upstream_tests=0
@@ -139,6 +145,9 @@ Options:
   --idle-timeout SECONDS
                        stop the guest when it has printed nothing for this
                        long: a hang (default $IDLE_DEFAULT)
+  --max-timeouts N     stop the guest once N tests in a row have run into
+                       the harness timeout: a wedged kernel (default
+                       $MAX_TIMEOUTS_DEFAULT; 0 never stops)
   --timeout SECONDS    wall-clock limit for boot and tests (default
                        $TIMEOUT_DEFAULT, times $KASAN_SLOWDOWN with --kasan, times N with --repeat N)
   -j N                 build jobs (default $(nproc))
@@ -271,6 +280,7 @@ parse_args() {
 			opt_add+=("$(realpath "$2")"); shift ;;
 		--timeout) opt_timeout=${2:?}; shift ;;
 		--idle-timeout) opt_idle=${2:?}; shift ;;
+		--max-timeouts) opt_max_timeouts=${2:?}; shift ;;
 		-j) opt_jobs=${2:?}; shift ;;
 		-j*) opt_jobs=${1#-j} ;;
 		--lint) opt_lint=1 ;;
@@ -286,6 +296,7 @@ parse_args() {
 	[[ $opt_jobs =~ ^[1-9][0-9]*$ ]] || die 2 "-j wants a number"
 	[[ $opt_repeat =~ ^[1-9][0-9]*$ ]] || die 2 "--repeat wants a count"
 	[[ $opt_idle =~ ^[1-9][0-9]*$ ]] || die 2 "--idle-timeout wants seconds"
+	[[ $opt_max_timeouts =~ ^[0-9]+$ ]] || die 2 "--max-timeouts wants a count"
 	if [ -n "$opt_timeout" ]; then
 		[[ $opt_timeout =~ ^[1-9][0-9]*$ ]] ||
 			die 2 "--timeout wants seconds"
@@ -365,7 +376,7 @@ mutant_args() {
 			fi ;;
 		--upstream-tests) ;;
 		--kernel-src) MUTANT_ARGS+=("$1" "$(realpath "$2")"); shift ;;
-		--kernel-series|--tests|--timeout|--idle-timeout|-j)
+		--kernel-series|--tests|--timeout|--idle-timeout|--max-timeouts|-j)
 			MUTANT_ARGS+=("$1" "$2"); shift ;;
 		*) MUTANT_ARGS+=("$1") ;;
 		esac
@@ -1102,15 +1113,30 @@ stop_host_load() {
 	HOST_LOAD_PIDS=()
 }
 
+# How many of the last tests in a row the harness stopped for running past
+# its timeout.
+trailing_timeouts() {
+	awk '/^# [^ ]+: Test terminated by timeout/ { timed_out = 1; next }
+	     /^(not )?ok [0-9]+ / { n = timed_out ? n + 1 : 0; timed_out = 0 }
+	     END { print n + 0 }' "$RESULTS_LOG"
+}
+
 # Stops QEMU once the guest has printed nothing for --idle-timeout seconds,
-# and leaves a note saying so. A slow host makes tests slower, not silent:
+# or once --max-timeouts tests in a row ran into the harness timeout, and
+# leaves a note saying which. A slow host makes tests slower, not silent:
 # every test prints when it starts and when it ends.
 watch_idle() {
 	local last
 	while sleep 10; do
 		last=$(stat -c %Y "$RESULTS_LOG" 2>/dev/null) || continue
-		[ $(($(date +%s) - last)) -ge "$opt_idle" ] || continue
-		echo "$opt_idle" >"$IDLE_NOTE"
+		if [ "$opt_max_timeouts" -gt 0 ] &&
+		   [ "$(trailing_timeouts)" -ge "$opt_max_timeouts" ]; then
+			echo timeouts >"$IDLE_NOTE"
+		elif [ $(($(date +%s) - last)) -ge "$opt_idle" ]; then
+			echo idle >"$IDLE_NOTE"
+		else
+			continue
+		fi
 		pkill -f -- "-initrd $INITRD" || true
 		return
 	done
@@ -1212,6 +1238,12 @@ check_guest_end() {
 	local running
 	running=$(grep -oE '^#  RUN +[^ ]+' "$RESULTS_LOG" | tail -n 1 |
 		  awk '{ print $3 }' || true)
+	if [ "$(cat "$IDLE_NOTE" 2>/dev/null)" = timeouts ]; then
+		running=$(grep -oE '^not ok [0-9]+ [^ ]+' "$RESULTS_LOG" |
+			  tail -n 1 | awk '{ print $4 }')
+		verdict fail "$opt_max_timeouts tests in a row ran into the harness timeout, the last $running: stopped, the rest not run"
+		return 1
+	fi
 	if [ -f "$IDLE_NOTE" ]; then
 		verdict fail "no output for ${opt_idle}s while running ${running:-the command}: hung"
 		return 1
@@ -1372,21 +1404,34 @@ mutants_baseline() {
 	progress "mutants: baseline, $suite suite: $(grep -E '^[0-9]+ passed' "$dir/baseline.$suite.log" | tail -n 1) in ${RUN_SECS}s"
 }
 
-# How many of the tests a mutant's header expects (Expect:, full names or
-# test names) are among FAILURES, as "k/n"; empty when it expects none
-# ("Expect: none known").
+# expected_caught MUTANT FAILURES LOG: how many of the tests the mutant's
+# header expects (Expect:, full names or test names) are among FAILURES,
+# of those that ran in LOG, as "k/n", and how many did not run (a run
+# stopped as wedged ends early); empty when it expects none ("Expect: none
+# known").
 expected_caught() {
-	local m=$1 failures=$2 e n=0 k=0 expect
+	local m=$1 failures=$2 log=$3 e re n=0 k=0 unrun=0 expect
 	expect=$(mutant_field "$m" Expect)
 	[[ $expect != none* ]] || return 0
 	for e in $expect; do
 		[[ $e =~ ^[a-z0-9_.]+$ ]] || continue
+		re="(^|\.)${e//./\\.}\$"
+		if ! sed -nE 's/^(not )?ok [0-9]+ ([^ ]+).*/\2/p' "$log" |
+		     grep -qE "$re"; then
+			unrun=$((unrun + 1))
+			continue
+		fi
 		n=$((n + 1))
-		if echo "$failures" | grep -qE "(^|\.)${e//./\\.}\$"; then
+		if echo "$failures" | grep -qE "$re"; then
 			k=$((k + 1))
 		fi
 	done
-	[ "$n" = 0 ] || echo "$k/$n"
+	[ $((n + unrun)) = 0 ] && return 0
+	if [ "$unrun" = 0 ]; then
+		echo "$k/$n"
+	else
+		echo "$k/$n, $unrun not run"
+	fi
 }
 
 # mutant_verdict MUTANT SUITE LOG BASELINE: the verdict on one mutant for
@@ -1413,7 +1458,7 @@ mutant_verdict() {
 	[ "$n" -le 3 ] || CELL+=" +$((n - 3))"
 	# The header names tests of our suite.
 	[ "$suite" = ours ] || return 0
-	n=$(expected_caught "$m" "$new")
+	n=$(expected_caught "$m" "$new" "$log")
 	[ -z "$n" ] || CELL+=" (expected: $n)"
 }
 
