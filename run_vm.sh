@@ -1241,7 +1241,7 @@ check_guest_end() {
 	if [ "$(cat "$IDLE_NOTE" 2>/dev/null)" = timeouts ]; then
 		running=$(grep -oE '^not ok [0-9]+ [^ ]+' "$RESULTS_LOG" |
 			  tail -n 1 | awk '{ print $4 }')
-		verdict fail "$opt_max_timeouts tests in a row ran into the harness timeout, the last $running: stopped, the rest not run"
+		verdict fail "wedged: $opt_max_timeouts harness timeouts in a row, the last $running; the rest not run"
 		return 1
 	fi
 	if [ -f "$IDLE_NOTE" ]; then

@@ -11,8 +11,15 @@
  * ZONE_DEVICE code can be exercised from user space
  * (tools/testing/selftests/mm/hmm-tests.c). It is also meant to be read: each
  * API is used the way a real driver should use it, with the reasons written
- * next to the code. The code follows a request: open, fault, device access,
- * exclusive access, invalidation, release.
+ * next to the code. The file is laid out bottom-up, as kernel code is, each
+ * part using only those above it: the record of invalidations, the emulated
+ * TLB-invalidation engine, the device page table, leaves and their
+ * notifiers, the debug hold points, the invalidation callbacks, device
+ * faults, device memory, the device's accesses (read and write, exclusive,
+ * snapshot, migration), statistics and settings, the ioctls, open and
+ * release, module setup. A reader following a request starts at the
+ * bottom, with dmirror_fops_open() and dmirror_fops_unlocked_ioctl(); the
+ * shortest correct sequences are in the Examples.
  *
  * Devices. /dev/hmm_dmirror0 and 1 own device-private memory, 2 and 3
  * device-coherent memory (only when the module is given the physical ranges
@@ -129,11 +136,14 @@
  * pool of finish objects and its debug hold; it is taken from invalidation
  * callbacks that may not sleep.
  *
- * A task held at a debug hold point (HMM_DMIRROR_HOLD) holds no lock of this
- * driver: the fault path is held with the mmap lock dropped and before
- * pt_lock, an invalidation after its callback dropped pt_lock. It may hold
- * the core's locks (the mmap lock, for madvise()), so the test that armed the
- * hold must not need them to release it.
+ * A task held at a debug hold point (HMM_DMIRROR_HOLD) does not hold pt_lock:
+ * the fault path is held with the mmap lock dropped and before pt_lock, an
+ * invalidation after its callback dropped pt_lock. It may hold the core's
+ * locks (the mmap lock, for madvise()), and an invalidation that this driver
+ * caused itself, under one of its outer locks (reclaim while a leaf is
+ * allocated under leaf_lock, eviction under chunk_lock), would be held with
+ * that lock too: the test that armed the hold must need none of them to
+ * release it, and arms it only around what it runs itself.
  *
  * dmirror_log_lock (a spinlock) protects the record of invalidations; it is
  * taken from invalidation callbacks, alone: nothing else is locked under it.
@@ -142,8 +152,120 @@
  * of device memory; &dmirror_device.mem_lock (a spinlock, irq-safe where a
  * folio is freed) protects the chunk list and the allocation bitmaps.
  *
- * Lock order: leaf_lock -> mmap_lock -> folio lock -> pt_lock -> device lock;
- * mmap_lock -> folio lock -> chunk_lock -> mem_lock.
+ * Lock order, as the code nests them:
+ *
+ * - leaf_lock -> mmap_lock -> folio lock -> pt_lock. The first notifier
+ *   insertion registers with the mm under its mmap lock; the core calls the
+ *   invalidation callbacks with the mmap lock or folio locks held; the
+ *   exclusive path takes pt_lock with the folio make_device_exclusive()
+ *   returned locked. dmirror_reap_work() takes pt_lock inside leaf_lock.
+ * - leaf_lock -> device lock (dmirror_bind()).
+ * - mmap_lock -> folio lock -> chunk_lock -> mem_lock: device memory is
+ *   allocated in the middle of a migration.
+ *
+ * pt_lock, the device lock and dmirror_log_lock never nest in one another:
+ * an invalidation callback takes them one after the other.
+ */
+
+/**
+ * DOC: Examples
+ *
+ * What a driver needs at the least, without this driver's leaves, batches,
+ * statistics and debug points. The names of the device's own parts (struct
+ * my_mirror, my_flush_get(), ...) are made up.
+ *
+ * A device fault, with the collision-retry loop (dmirror_fault_pass() and
+ * dmirror_retry_collisions())::
+ *
+ *	unsigned long timeout = jiffies + msecs_to_jiffies(HMM_RANGE_DEFAULT_TIMEOUT);
+ *	struct hmm_range range = {
+ *		.notifier = &mirror->notifier,
+ *		.start = start,
+ *		.end = end,
+ *		.hmm_pfns = pfns,
+ *		.default_flags = HMM_PFN_REQ_FAULT |
+ *				 (write ? HMM_PFN_REQ_WRITE : 0),
+ *		.dev_private_owner = mirror->owner,
+ *	};
+ *	int ret;
+ *
+ *	for (;;) {
+ *		if (time_after(jiffies, timeout))
+ *			return -EBUSY;
+ *		range.notifier_seq = mmu_interval_read_begin(range.notifier);
+ *		mmap_read_lock(mm);
+ *		ret = hmm_range_fault(&range);
+ *		mmap_read_unlock(mm);
+ *		if (ret == -EBUSY)
+ *			continue;
+ *		if (ret)
+ *			return ret;
+ *
+ *		mutex_lock(&mirror->pt_lock);
+ *		if (!mmu_interval_read_retry(range.notifier,
+ *					     range.notifier_seq))
+ *			break;
+ *		mutex_unlock(&mirror->pt_lock);
+ *	}
+ *	// Nothing here may allocate with GFP_KERNEL or touch user memory.
+ *	my_map_pfns(mirror, &range);
+ *	mutex_unlock(&mirror->pt_lock);
+ *
+ * A two-pass invalidation (dmirror_invalidate_begin(), dmirror_flush_start()
+ * and dmirror_invalidate_finish()). The start publishes the new sequence and
+ * clears the PTEs under the same lock as the fault's check above, then
+ * submits the TLB flush without waiting; the core runs the starts of every
+ * subscriber before any finish, so the flushes of several devices overlap::
+ *
+ *	static bool my_invalidate_start(struct mmu_interval_notifier *mni,
+ *					const struct mmu_notifier_range *range,
+ *					unsigned long cur_seq,
+ *					struct mmu_interval_notifier_finish **finish)
+ *	{
+ *		struct my_mirror *mirror = container_of(mni, struct my_mirror,
+ *							 notifier);
+ *		bool blockable = mmu_notifier_range_blockable(range);
+ *		struct my_flush *flush;
+ *
+ *		if (blockable)
+ *			mutex_lock(&mirror->pt_lock);
+ *		else if (!mutex_trylock(&mirror->pt_lock))
+ *			return false;
+ *		if (!blockable && my_maps_any(mirror, range->start, range->end)) {
+ *			// The flush would have to be waited for.
+ *			mutex_unlock(&mirror->pt_lock);
+ *			return false;
+ *		}
+ *		mmu_interval_set_seq(mni, cur_seq);
+ *		my_clear_ptes(mirror, range->start, range->end);
+ *		mutex_unlock(&mirror->pt_lock);
+ *		if (!blockable)
+ *			return true;
+ *
+ *		// Preallocated: reclaim calls this, it must not allocate.
+ *		flush = my_flush_get(mirror);
+ *		if (!flush) {
+ *			my_tlb_flush_and_wait(mirror);
+ *			return true;
+ *		}
+ *		my_tlb_flush_submit(flush);
+ *		*finish = &flush->finish;
+ *		return true;
+ *	}
+ *
+ *	static void my_invalidate_finish(struct mmu_interval_notifier_finish *finish)
+ *	{
+ *		struct my_flush *flush = container_of(finish, struct my_flush,
+ *						      finish);
+ *
+ *		my_tlb_flush_wait(flush);
+ *		my_flush_put(flush);
+ *	}
+ *
+ *	static const struct mmu_interval_notifier_ops my_notifier_ops = {
+ *		.invalidate_start = my_invalidate_start,
+ *		.invalidate_finish = my_invalidate_finish,
+ *	};
  */
 
 #include <linux/atomic.h>
@@ -326,37 +448,20 @@ struct dmirror_flush {
 	u64 log;
 };
 
-/**
- * struct dmirror_device_stats - counters behind &struct hmm_dmirror_stats
- * @faults: see &struct hmm_dmirror_stats
- * @invalidations: see &struct hmm_dmirror_stats
- * @flushes: see &struct hmm_dmirror_stats
- * @two_pass_starts: see &struct hmm_dmirror_stats
- * @two_pass_finishes: see &struct hmm_dmirror_stats
- * @sync_fallbacks: see &struct hmm_dmirror_stats
- * @nonblock_refused: see &struct hmm_dmirror_stats
- * @notifiers_live: see &struct hmm_dmirror_stats
- * @notifier_inserts: see &struct hmm_dmirror_stats
- * @notifier_removals: see &struct hmm_dmirror_stats
- * @fault_retries: see &struct hmm_dmirror_stats
- * @exclusive_retries: see &struct hmm_dmirror_stats
- * @stale_installs: see &struct hmm_dmirror_stats
+/*
+ * A device keeps its counters in the layout of &struct hmm_dmirror_stats,
+ * an atomic64_t for each __u64 of it, so that the UAPI structure is the one
+ * list of them: a new counter is a field at its end and the places that
+ * count it; reading and resetting take them all. The fields the driver
+ * works out when they are read (flushes_in_flight_max, finish_pool,
+ * finish_free) stay zero here.
  */
-struct dmirror_device_stats {
-	atomic64_t faults;
-	atomic64_t invalidations[HMM_DMIRROR_NR_EVENTS];
-	atomic64_t flushes;
-	atomic64_t two_pass_starts;
-	atomic64_t two_pass_finishes;
-	atomic64_t sync_fallbacks;
-	atomic64_t nonblock_refused;
-	atomic64_t notifiers_live;
-	atomic64_t notifier_inserts;
-	atomic64_t notifier_removals;
-	atomic64_t fault_retries;
-	atomic64_t exclusive_retries;
-	atomic64_t stale_installs;
-};
+#define DMIRROR_NR_STATS	(sizeof(struct hmm_dmirror_stats) / sizeof(__u64))
+
+/* The counter of a device behind the UAPI field @field. */
+#define dmirror_stat(mdevice, field) \
+	(&(mdevice)->stats[offsetof(struct hmm_dmirror_stats, field) / \
+			   sizeof(__u64)])
 
 /**
  * struct dmirror_hold - the debug hold point of a device (HMM_DMIRROR_HOLD)
@@ -394,11 +499,11 @@ struct dmirror_hold {
  * @flush_busy: which of @flush_pool are in use
  * @flush_pool: finish objects of two-pass invalidations
  * @hold: the debug hold point
- * @stats: counters
+ * @stats: counters, in the layout of &struct hmm_dmirror_stats (dmirror_stat())
  * @chunk_lock: serialises adding and removing chunks of device memory
  * @mem_lock: protects @chunks and the chunks' allocation state
- * @chunks: &struct dmirror_chunk of the device's memory
- * @nr_chunks: number of chunks; under chunk_lock
+ * @chunks: &struct dmirror_chunk of the device's memory; changed under both
+ *	chunk_lock and mem_lock, so either is enough to read it
  *
  * The address of this structure is the device's owner cookie: it is passed
  * as &hmm_range.dev_private_owner and to make_device_exclusive(), so that
@@ -417,12 +522,11 @@ struct dmirror_device {
 	struct dmirror_flush flush_pool[DMIRROR_FLUSH_POOL];
 	struct dmirror_hold hold;
 
-	struct dmirror_device_stats stats;
+	atomic64_t stats[DMIRROR_NR_STATS];
 
 	struct mutex chunk_lock;	/* adding and removing chunks */
 	spinlock_t mem_lock;		/* chunk list and allocation state */
 	struct list_head chunks;
-	unsigned int nr_chunks;
 };
 
 static struct dmirror_device **dmirror_devices;
@@ -769,7 +873,7 @@ static void dmirror_flush_submit(struct dmirror_flush *flush, u64 latency)
 {
 	struct dmirror_device *mdevice = flush->mdevice;
 
-	atomic64_inc(&mdevice->stats.flushes);
+	atomic64_inc(dmirror_stat(mdevice, flushes));
 	dmirror_note_in_flight();
 	reinit_completion(&flush->done);
 	if (!latency)
@@ -1025,10 +1129,12 @@ static int dmirror_notifier_insert(struct dmirror *dmirror,
 				   struct dmirror_notifier *dn,
 				   unsigned long start, unsigned long length)
 {
-	struct dmirror_device_stats *stats = &dmirror->mdevice->stats;
+	struct dmirror_device *mdevice = dmirror->mdevice;
 	int ret;
 
 	lockdep_assert_held(&dmirror->leaf_lock);
+	/* The first insertion registers with the mm under its mmap lock. */
+	lockdep_assert_not_held(&dmirror->mm->mmap_lock);
 	dn->dmirror = dmirror;
 	if (dmirror_inject_failure())
 		return -ENOMEM;
@@ -1036,19 +1142,34 @@ static int dmirror_notifier_insert(struct dmirror *dmirror,
 					   dmirror_notifier_ops(dmirror));
 	if (ret)
 		return ret;
-	atomic64_inc(&stats->notifier_inserts);
-	atomic64_inc(&stats->notifiers_live);
+	atomic64_inc(dmirror_stat(mdevice, notifier_inserts));
+	atomic64_inc(dmirror_stat(mdevice, notifiers_live));
 	return 0;
 }
 
+/**
+ * dmirror_notifier_remove() - unsubscribe and wait for running callbacks
+ * @dmirror: mirror
+ * @dn: notifier to remove
+ *
+ * mmu_interval_notifier_remove() waits until no invalidation of the mm is
+ * running, and those take pt_lock: holding it would deadlock (lockdep knows
+ * the wait as the invalidation's pseudo-lock). Nor is leaf_lock held: the
+ * wait can be as long as any invalidation of the process, and every fault
+ * that needs a new leaf would wait with it.
+ *
+ * Context: process context, neither pt_lock nor leaf_lock held.
+ */
 static void dmirror_notifier_remove(struct dmirror *dmirror,
 				    struct dmirror_notifier *dn)
 {
-	struct dmirror_device_stats *stats = &dmirror->mdevice->stats;
+	struct dmirror_device *mdevice = dmirror->mdevice;
 
+	lockdep_assert_not_held(&dmirror->leaf_lock);
+	lockdep_assert_not_held(&dmirror->pt_lock);
 	mmu_interval_notifier_remove(&dn->mni);
-	atomic64_inc(&stats->notifier_removals);
-	atomic64_dec(&stats->notifiers_live);
+	atomic64_inc(dmirror_stat(mdevice, notifier_removals));
+	atomic64_dec(dmirror_stat(mdevice, notifiers_live));
 }
 
 /**
@@ -1333,6 +1454,7 @@ static void dmirror_hold_reached(struct dmirror *dmirror, u32 point,
 	struct dmirror_hold *hold = &mdevice->hold;
 	unsigned long gen;
 
+	/* See DOC: Locking: a held task does not hold pt_lock. */
 	lockdep_assert_not_held(&dmirror->pt_lock);
 	if (likely(!READ_ONCE(hold->owner)) || (current->flags & PF_EXITING))
 		return;
@@ -1525,11 +1647,12 @@ static bool dmirror_invalidate_begin(struct dmirror_notifier *dn,
 	mutex_unlock(&dmirror->pt_lock);
 
 	if (range->event < HMM_DMIRROR_NR_EVENTS)
-		atomic64_inc(&mdevice->stats.invalidations[range->event]);
+		atomic64_inc(dmirror_stat(mdevice, invalidations) +
+			     range->event);
 	return true;
 
 refuse:
-	atomic64_inc(&mdevice->stats.nonblock_refused);
+	atomic64_inc(dmirror_stat(mdevice, nonblock_refused));
 	dmirror_log_note(*log, DMIRROR_LOG_REFUSED);
 	return false;
 }
@@ -1544,37 +1667,6 @@ static void dmirror_hold_invalidation(struct dmirror *dmirror,
 	if (mmu_notifier_range_blockable(range))
 		dmirror_hold_reached(dmirror, HMM_DMIRROR_HOLD_INVALIDATE,
 				     range->start, range->end);
-}
-
-/**
- * dmirror_invalidate() - single-pass invalidation
- * @mni: notifier called
- * @range: what changes, and why
- * @cur_seq: sequence to publish
- *
- * Clears the device PTEs, flushes the device TLB and waits for the flush.
- * After this returns the device no longer reaches the old pages.
- *
- * Return: false if the range may not block and the work would sleep.
- */
-static bool dmirror_invalidate(struct mmu_interval_notifier *mni,
-			       const struct mmu_notifier_range *range,
-			       unsigned long cur_seq)
-{
-	struct dmirror_notifier *dn = to_dmirror_notifier(mni);
-	unsigned long cleared;
-	u64 latency, log;
-
-	if (dmirror_event_is_own(dn->dmirror, range))
-		return true;
-	if (!dmirror_invalidate_begin(dn, range, cur_seq, &log, &cleared,
-				      &latency))
-		return false;
-	if (cleared)
-		dmirror_flush_sync(dn->dmirror->mdevice, latency, log,
-				   DMIRROR_LOG_SYNC);
-	dmirror_hold_invalidation(dn->dmirror, range);
-	return true;
 }
 
 /**
@@ -1607,37 +1699,39 @@ dmirror_flush_start(struct dmirror_device *mdevice,
 
 	flush = dmirror_flush_get(mdevice);
 	if (!flush) {
-		atomic64_inc(&mdevice->stats.sync_fallbacks);
+		atomic64_inc(dmirror_stat(mdevice, sync_fallbacks));
 		dmirror_flush_sync(mdevice, latency, log, DMIRROR_LOG_FALLBACK);
 		return NULL;
 	}
 	flush->log = log;
 	dmirror_log_note(log, DMIRROR_LOG_START);
 	dmirror_flush_submit(flush, latency);
-	atomic64_inc(&mdevice->stats.two_pass_starts);
+	atomic64_inc(dmirror_stat(mdevice, two_pass_starts));
 	return &flush->finish;
 }
 
 /**
- * dmirror_invalidate_start() - first pass of a two-pass invalidation
+ * dmirror_invalidate_range() - the callback of both invalidation modes
  * @mni: notifier called
  * @range: what changes, and why
  * @cur_seq: sequence to publish
- * @finish: output, the finish object when a second pass is needed
+ * @finish: two pass: output, the finish object when a second pass is
+ *	needed; single pass: NULL
  *
- * Clears the device PTEs and submits the TLB flush without waiting for it,
- * so that the core can start the flushes of every device before waiting for
- * any (dmirror_flush_start()).
+ * Clears the device PTEs and flushes the device TLB. A single pass waits
+ * for the flush here; a first pass submits it and leaves the wait to the
+ * finish pass, so that the core can start the flushes of every device
+ * before waiting for any (dmirror_flush_start()).
  *
  * Return: false if the range may not block and the work would sleep.
  */
-static bool
-dmirror_invalidate_start(struct mmu_interval_notifier *mni,
-			 const struct mmu_notifier_range *range,
-			 unsigned long cur_seq,
-			 struct mmu_interval_notifier_finish **finish)
+static bool dmirror_invalidate_range(struct mmu_interval_notifier *mni,
+				     const struct mmu_notifier_range *range,
+				     unsigned long cur_seq,
+				     struct mmu_interval_notifier_finish **finish)
 {
 	struct dmirror_notifier *dn = to_dmirror_notifier(mni);
+	struct dmirror_device *mdevice = dn->dmirror->mdevice;
 	unsigned long cleared;
 	u64 latency, log;
 
@@ -1646,11 +1740,30 @@ dmirror_invalidate_start(struct mmu_interval_notifier *mni,
 	if (!dmirror_invalidate_begin(dn, range, cur_seq, &log, &cleared,
 				      &latency))
 		return false;
-	if (cleared)
-		*finish = dmirror_flush_start(dn->dmirror->mdevice, range,
-					      latency, log);
+	if (cleared && finish)
+		*finish = dmirror_flush_start(mdevice, range, latency, log);
+	else if (cleared)
+		dmirror_flush_sync(mdevice, latency, log, DMIRROR_LOG_SYNC);
 	dmirror_hold_invalidation(dn->dmirror, range);
 	return true;
+}
+
+/* &mmu_interval_notifier_ops.invalidate of a single-pass device. */
+static bool dmirror_invalidate(struct mmu_interval_notifier *mni,
+			       const struct mmu_notifier_range *range,
+			       unsigned long cur_seq)
+{
+	return dmirror_invalidate_range(mni, range, cur_seq, NULL);
+}
+
+/* &mmu_interval_notifier_ops.invalidate_start of a two-pass device. */
+static bool
+dmirror_invalidate_start(struct mmu_interval_notifier *mni,
+			 const struct mmu_notifier_range *range,
+			 unsigned long cur_seq,
+			 struct mmu_interval_notifier_finish **finish)
+{
+	return dmirror_invalidate_range(mni, range, cur_seq, finish);
 }
 
 /**
@@ -1665,7 +1778,7 @@ dmirror_invalidate_finish(struct mmu_interval_notifier_finish *finish)
 
 	dmirror_log_note(flush->log, DMIRROR_LOG_FINISH);
 	dmirror_flush_wait(flush);
-	atomic64_inc(&flush->mdevice->stats.two_pass_finishes);
+	atomic64_inc(dmirror_stat(flush->mdevice, two_pass_finishes));
 	dmirror_flush_put(flush);
 }
 
@@ -1781,40 +1894,40 @@ static bool dmirror_needs_cpu_write_fault(const struct hmm_range *range)
 }
 
 /**
- * struct dmirror_retry - when a collision-retry loop gives up
- * @deadline: jiffies after which it may
- * @tries: collisions so far
- */
-struct dmirror_retry {
-	unsigned long deadline;
-	unsigned int tries;
-};
-
-static void dmirror_retry_init(struct dmirror_retry *retry)
-{
-	retry->deadline = jiffies + msecs_to_jiffies(DMIRROR_FAULT_TIMEOUT_MS);
-	retry->tries = 0;
-}
-
-/**
- * dmirror_retry_again() - may a loop try again after a collision?
- * @retry: the loop's state
+ * dmirror_retry_collisions() - the collision-retry loop of every device walk
+ * @pass: one attempt: reads the CPU page table, then under pt_lock uses the
+ *	result only if no invalidation collided with it; returns 0 when done,
+ *	-EAGAIN when a collision made the attempt stale, or an error
+ * @arg: passed to @pass
+ * @retries: counts the collisions, or NULL
  *
- * A loop gives up once invalidations have kept colliding with it for
- * %DMIRROR_FAULT_TIMEOUT_MS and at least %DMIRROR_RETRY_MIN times: where
- * one pass takes a good part of the time limit (a loaded host, a debug
- * kernel), time alone would give up after a pass or two.
+ * The device fault, exclusive access and snapshot all need the loop of the
+ * HMM documentation; this is it, once. It gives up once invalidations have
+ * kept colliding for %DMIRROR_FAULT_TIMEOUT_MS and at least
+ * %DMIRROR_RETRY_MIN times: where one attempt takes a good part of the time
+ * limit (a loaded host, a debug kernel), time alone would give up after an
+ * attempt or two.
  *
- * Return: 0 to try again, -EBUSY to give up, -EINTR on a fatal signal.
+ * Return: the first result of @pass other than -EAGAIN, -EBUSY when giving
+ * up, or -EINTR on a fatal signal.
  */
-static int dmirror_retry_again(struct dmirror_retry *retry)
+static int dmirror_retry_collisions(int (*pass)(void *arg), void *arg,
+				    atomic64_t *retries)
 {
-	if (fatal_signal_pending(current))
-		return -EINTR;
-	if (++retry->tries >= DMIRROR_RETRY_MIN &&
-	    time_after(jiffies, retry->deadline))
-		return -EBUSY;
-	return 0;
+	unsigned long deadline = jiffies +
+				 msecs_to_jiffies(DMIRROR_FAULT_TIMEOUT_MS);
+	unsigned int tries = 0;
+	int ret;
+
+	while ((ret = pass(arg)) == -EAGAIN) {
+		if (retries)
+			atomic64_inc(retries);
+		if (fatal_signal_pending(current))
+			return -EINTR;
+		if (++tries >= DMIRROR_RETRY_MIN && time_after(jiffies, deadline))
+			return -EBUSY;
+	}
+	return ret;
 }
 
 /**
@@ -1849,87 +1962,112 @@ static bool dmirror_may_install(struct dmirror *dmirror,
 		return true;
 	WARN_ONCE(1, "test_hmm: mmu_interval_read_retry() missed an invalidation of [%#lx, %#lx)\n",
 		  range->start, range->end);
-	atomic64_inc(&dmirror->mdevice->stats.stale_installs);
+	atomic64_inc(dmirror_stat(dmirror->mdevice, stale_installs));
 	return false;
 }
 
 /**
- * dmirror_fault_batch() - fault one batch of pages into the device
+ * struct dmirror_fault_batch - one batch of a device fault
  * @dmirror: mirror
  * @range: the batch; start, end, flags and pfn array set by the caller, end
  *	cut to the end of the leaf holding start
  * @unlocked: let the CPU fault handler drop the mmap lock (userfaultfd)
- *
- * The collision-retry loop of the HMM documentation: read the CPU page
- * table, then take pt_lock and install the result only if no invalidation
- * ran since mmu_interval_read_begin() and the leaf is still in the table
- * (dmirror_may_install()). HMM_DMIRROR_HOLD_FAULT holds the pass in between.
- * Gives up with -EBUSY if invalidations keep colliding (dmirror_retry_again()).
- *
- * Return: 0, or the error of hmm_range_fault() or of leaf creation.
  */
-static int dmirror_fault_batch(struct dmirror *dmirror,
-			       struct hmm_range *range, bool unlocked)
+struct dmirror_fault_batch {
+	struct dmirror *dmirror;
+	struct hmm_range *range;
+	bool unlocked;
+};
+
+/**
+ * dmirror_fault_range() - hmm_range_fault() for a device fault
+ * @batch: the batch
+ * @seen: output, see dmirror_range_fault_locked(); NULL when unlocked
+ *
+ * hmm_range_fault() hands out the device's own private pages as they are,
+ * read-only ones too (after fork(), say); a write fault has the CPU fault
+ * them, and break COW, by not claiming them this once.
+ *
+ * Return: as hmm_range_fault().
+ */
+static int dmirror_fault_range(struct dmirror_fault_batch *batch,
+			       unsigned long *seen)
 {
 	unsigned long timeout = msecs_to_jiffies(DMIRROR_FAULT_TIMEOUT_MS);
-	struct dmirror_retry retry;
+	struct hmm_range *range = batch->range;
+	int ret;
+
+	for (;;) {
+		if (batch->unlocked)
+			ret = hmm_range_fault_unlocked_timeout(range, timeout);
+		else
+			ret = dmirror_range_fault_locked(range, seen);
+		if (ret || !dmirror_needs_cpu_write_fault(range))
+			break;
+		range->dev_private_owner = NULL;
+	}
+	range->dev_private_owner = batch->dmirror->mdevice;
+	return ret;
+}
+
+/**
+ * dmirror_fault_pass() - one attempt at faulting a batch into the device
+ * @arg: the &struct dmirror_fault_batch
+ *
+ * Read the CPU page table, then take pt_lock and install the result only if
+ * no invalidation ran since mmu_interval_read_begin() and the leaf is still
+ * in the table (dmirror_may_install()). HMM_DMIRROR_HOLD_FAULT holds the
+ * attempt in between.
+ *
+ * Return: 0, -EAGAIN when an invalidation made the attempt stale, or the
+ * error of hmm_range_fault() or of leaf creation.
+ */
+static int dmirror_fault_pass(void *arg)
+{
+	struct dmirror_fault_batch *batch = arg;
+	struct dmirror *dmirror = batch->dmirror;
+	struct hmm_range *range = batch->range;
 	struct dmirror_leaf *leaf;
 	unsigned long seen = 0;
 	int ret;
 
-	dmirror_retry_init(&retry);
-	for (;;) {
-		leaf = dmirror_leaf_get(dmirror, range->start);
-		if (IS_ERR(leaf))
-			return PTR_ERR(leaf);
-		range->end = min(range->end,
-				 leaf->start + dmirror_leaf_size(dmirror));
-		range->notifier = dmirror_leaf_notifier(dmirror, leaf);
+	leaf = dmirror_leaf_get(dmirror, range->start);
+	if (IS_ERR(leaf))
+		return PTR_ERR(leaf);
+	range->end = min(range->end, leaf->start + dmirror_leaf_size(dmirror));
+	range->notifier = dmirror_leaf_notifier(dmirror, leaf);
 
-		if (unlocked)
-			ret = hmm_range_fault_unlocked_timeout(range, timeout);
+	ret = dmirror_fault_range(batch, batch->unlocked ? NULL : &seen);
+	if (ret == -EBUSY) {
+		ret = -EAGAIN;
+	} else if (ret) {
+		/* Do not keep a leaf only a failed fault wanted. */
+		mutex_lock(&dmirror->pt_lock);
+		dmirror_leaf_queue_reap(dmirror, leaf);
+		mutex_unlock(&dmirror->pt_lock);
+	} else {
+		dmirror_hold_reached(dmirror, HMM_DMIRROR_HOLD_FAULT,
+				     range->start, range->end);
+		mutex_lock(&dmirror->pt_lock);
+		if (dmirror_may_install(dmirror, leaf, range,
+					batch->unlocked ? NULL : &seen))
+			dmirror_pt_install(dmirror, leaf, range);
 		else
-			ret = dmirror_range_fault_locked(range, &seen);
-		if (!ret && dmirror_needs_cpu_write_fault(range)) {
-			/*
-			 * hmm_range_fault() hands out the device's own private
-			 * pages as they are, read-only ones too (after fork(),
-			 * say): have the CPU fault them, and break COW, by not
-			 * claiming them this once.
-			 */
-			range->dev_private_owner = NULL;
-			dmirror_leaf_put(leaf);
-			continue;
-		}
-		range->dev_private_owner = dmirror->mdevice;
-		if (ret && ret != -EBUSY) {
-			/* Do not keep a leaf only a failed fault wanted. */
-			mutex_lock(&dmirror->pt_lock);
-			dmirror_leaf_queue_reap(dmirror, leaf);
-			mutex_unlock(&dmirror->pt_lock);
-			break;
-		}
-		if (!ret) {
-			dmirror_hold_reached(dmirror, HMM_DMIRROR_HOLD_FAULT,
-					     range->start, range->end);
-			mutex_lock(&dmirror->pt_lock);
-			if (dmirror_may_install(dmirror, leaf, range,
-						unlocked ? NULL : &seen)) {
-				dmirror_pt_install(dmirror, leaf, range);
-				mutex_unlock(&dmirror->pt_lock);
-				break;
-			}
-			mutex_unlock(&dmirror->pt_lock);
-		}
-		/* An invalidation made this pass stale: go again. */
-		atomic64_inc(&dmirror->mdevice->stats.fault_retries);
-		dmirror_leaf_put(leaf);
-		ret = dmirror_retry_again(&retry);
-		if (ret)
-			return ret;
+			ret = -EAGAIN;
+		mutex_unlock(&dmirror->pt_lock);
 	}
 	dmirror_leaf_put(leaf);
 	return ret;
+}
+
+/*
+ * The end of the batch starting at @addr of a walk ending at @end: device
+ * faults, copies and snapshots go %DMIRROR_BATCH_PAGES at a time, so that
+ * their pfn arrays and bounce buffers stay small and no lock is held long.
+ */
+static unsigned long dmirror_batch_end(unsigned long addr, unsigned long end)
+{
+	return min(end, addr + DMIRROR_BATCH_PAGES * PAGE_SIZE);
 }
 
 /**
@@ -1938,7 +2076,7 @@ static int dmirror_fault_batch(struct dmirror *dmirror,
  * @start: faulting address
  * @end: end of the access; the device prefetches up to here
  * @write: the device needs write access
- * @unlocked: see dmirror_fault_batch()
+ * @unlocked: see &struct dmirror_fault_batch
  *
  * Context: process context, the mirrored mm held with mmget().
  * Return: 0, -EFAULT (no access possible), -EPERM (write to a read-only
@@ -1954,15 +2092,22 @@ static int dmirror_fault(struct dmirror *dmirror, unsigned long start,
 				 (write ? HMM_PFN_REQ_WRITE : 0),
 		.dev_private_owner = dmirror->mdevice,
 	};
+	struct dmirror_fault_batch batch = {
+		.dmirror = dmirror,
+		.range = &range,
+		.unlocked = unlocked,
+	};
 	unsigned long addr;
 	int ret;
 
-	atomic64_inc(&dmirror->mdevice->stats.faults);
+	atomic64_inc(dmirror_stat(dmirror->mdevice, faults));
 	for (addr = start; addr < end; addr = range.end) {
 		range.start = addr;
-		range.end = min(end, addr + DMIRROR_BATCH_PAGES * PAGE_SIZE);
-		/* This may end the batch early, at the end of a leaf. */
-		ret = dmirror_fault_batch(dmirror, &range, unlocked);
+		range.end = dmirror_batch_end(addr, end);
+		/* A pass may end the batch early, at the end of a leaf. */
+		ret = dmirror_retry_collisions(dmirror_fault_pass, &batch,
+					       dmirror_stat(dmirror->mdevice,
+							    fault_retries));
 		if (ret)
 			return ret;
 	}
@@ -1978,8 +2123,6 @@ static int dmirror_fault(struct dmirror *dmirror, unsigned long start,
  * @pagemap: the range and its type, private or coherent
  * @mdevice: owning device
  * @node: on &dmirror_device.chunks
- * @first_pfn: first pfn of the range
- * @npages: pages in the range
  * @used: allocated pages, a bit per page; under &dmirror_device.mem_lock
  * @nr_used: bits set in @used; under mem_lock
  * @evicting: no allocation from this chunk; under mem_lock
@@ -1997,8 +2140,6 @@ struct dmirror_chunk {
 	struct dev_pagemap pagemap;
 	struct dmirror_device *mdevice;
 	struct list_head node;
-	unsigned long first_pfn;
-	unsigned long npages;
 	unsigned long *used;
 	unsigned long nr_used;
 	bool evicting;
@@ -2011,6 +2152,23 @@ static const struct dev_pagemap_ops dmirror_devmem_ops;
 static struct dmirror_chunk *dmirror_page_chunk(struct page *page)
 {
 	return container_of(page_pgmap(page), struct dmirror_chunk, pagemap);
+}
+
+static unsigned long dmirror_chunk_first_pfn(const struct dmirror_chunk *chunk)
+{
+	return PHYS_PFN(chunk->pagemap.range.start);
+}
+
+static unsigned long dmirror_chunk_npages(const struct dmirror_chunk *chunk)
+{
+	return PHYS_PFN(range_len(&chunk->pagemap.range));
+}
+
+/* Index of the device page @pfn in the chunk's bitmap and backing array. */
+static unsigned long dmirror_chunk_index(const struct dmirror_chunk *chunk,
+					 unsigned long pfn)
+{
+	return pfn - dmirror_chunk_first_pfn(chunk);
 }
 
 static bool dmirror_is_private(const struct dmirror_device *mdevice)
@@ -2032,7 +2190,7 @@ static struct page *dmirror_page_storage(struct page *page)
 	if (!is_device_private_page(page))
 		return page;
 	chunk = dmirror_page_chunk(page);
-	return chunk->backing[page_to_pfn(page) - chunk->first_pfn];
+	return chunk->backing[dmirror_chunk_index(chunk, page_to_pfn(page))];
 }
 
 static void dmirror_chunk_free(struct dmirror_chunk *chunk)
@@ -2059,13 +2217,14 @@ static int dmirror_chunk_add(struct dmirror_device *mdevice)
 			     DMIRROR_CHUNK_SIZE : DMIRROR_COHERENT_SIZE;
 	unsigned long max = dmirror_is_private(mdevice) ?
 			    device_memory_mb / (DMIRROR_CHUNK_SIZE >> 20) : 1;
+	unsigned long npages = size >> PAGE_SHIFT;
 	struct dmirror_chunk *chunk;
 	struct resource *res = NULL;
 	void *addr;
 	int ret = -ENOMEM;
 
 	lockdep_assert_held(&mdevice->chunk_lock);
-	if (mdevice->nr_chunks >= max)
+	if (list_count_nodes(&mdevice->chunks) >= max)
 		return -ENOSPC;
 	if (dmirror_inject_failure())
 		return -ENOMEM;
@@ -2074,14 +2233,13 @@ static int dmirror_chunk_add(struct dmirror_device *mdevice)
 	if (!chunk)
 		return -ENOMEM;
 	chunk->mdevice = mdevice;
-	chunk->npages = size >> PAGE_SHIFT;
-	chunk->used = bitmap_zalloc(chunk->npages, GFP_KERNEL);
+	chunk->used = bitmap_zalloc(npages, GFP_KERNEL);
 	if (!chunk->used)
 		goto free;
 
 	if (dmirror_is_private(mdevice)) {
-		chunk->backing = kvcalloc(chunk->npages,
-					  sizeof(*chunk->backing), GFP_KERNEL);
+		chunk->backing = kvcalloc(npages, sizeof(*chunk->backing),
+					  GFP_KERNEL);
 		if (!chunk->backing)
 			goto free;
 		res = request_free_mem_region(&iomem_resource, size,
@@ -2103,7 +2261,6 @@ static int dmirror_chunk_add(struct dmirror_device *mdevice)
 	chunk->pagemap.nr_range = 1;
 	chunk->pagemap.ops = &dmirror_devmem_ops;
 	chunk->pagemap.owner = mdevice;
-	chunk->first_pfn = PHYS_PFN(chunk->pagemap.range.start);
 
 	addr = memremap_pages(&chunk->pagemap, numa_node_id());
 	if (IS_ERR(addr)) {
@@ -2114,7 +2271,6 @@ static int dmirror_chunk_add(struct dmirror_device *mdevice)
 	spin_lock_irq(&mdevice->mem_lock);
 	list_add_tail(&chunk->node, &mdevice->chunks);
 	spin_unlock_irq(&mdevice->mem_lock);
-	mdevice->nr_chunks++;
 	return 0;
 
 release:
@@ -2136,18 +2292,18 @@ free:
 static unsigned long dmirror_chunk_take(struct dmirror_chunk *chunk,
 					unsigned int order)
 {
+	unsigned long npages = dmirror_chunk_npages(chunk);
 	unsigned long nr = 1UL << order, idx;
 
 	lockdep_assert_held(&chunk->mdevice->mem_lock);
 	if (chunk->evicting)
 		return 0;
-	idx = bitmap_find_next_zero_area(chunk->used, chunk->npages, 0, nr,
-					 nr - 1);
-	if (idx >= chunk->npages)
+	idx = bitmap_find_next_zero_area(chunk->used, npages, 0, nr, nr - 1);
+	if (idx >= npages)
 		return 0;
 	bitmap_set(chunk->used, idx, nr);
 	chunk->nr_used += nr;
-	return chunk->first_pfn + idx;
+	return dmirror_chunk_first_pfn(chunk) + idx;
 }
 
 /* Reserve pages in the first chunk with room; *chunkp says which. */
@@ -2177,7 +2333,7 @@ static void dmirror_devmem_give(struct dmirror_chunk *chunk,
 	unsigned long flags;
 
 	spin_lock_irqsave(&mdevice->mem_lock, flags);
-	bitmap_clear(chunk->used, pfn - chunk->first_pfn, 1UL << order);
+	bitmap_clear(chunk->used, dmirror_chunk_index(chunk, pfn), 1UL << order);
 	chunk->nr_used -= 1UL << order;
 	spin_unlock_irqrestore(&mdevice->mem_lock, flags);
 }
@@ -2197,7 +2353,7 @@ static void dmirror_devmem_give(struct dmirror_chunk *chunk,
 static int dmirror_backing_alloc(struct dmirror_chunk *chunk,
 				 unsigned long pfn, unsigned int order)
 {
-	unsigned long i, nr = 1UL << order, idx = pfn - chunk->first_pfn;
+	unsigned long i, nr = 1UL << order, idx = dmirror_chunk_index(chunk, pfn);
 	struct page *page;
 
 	if (dmirror_inject_failure())
@@ -2227,7 +2383,7 @@ undo:
 static void dmirror_backing_free(struct dmirror_chunk *chunk,
 				 unsigned long pfn, unsigned int order)
 {
-	unsigned long i, idx = pfn - chunk->first_pfn;
+	unsigned long i, idx = dmirror_chunk_index(chunk, pfn);
 
 	if (!chunk->backing)
 		return;
@@ -2361,7 +2517,7 @@ static unsigned long dmirror_copy_mapped(struct dmirror *dmirror,
  * @req_end: end of the whole request, the device fault prefetch window
  * @bounce: data of the batch
  * @write: direction
- * @unlocked: see dmirror_fault_batch()
+ * @unlocked: see &struct dmirror_fault_batch
  * @faults: incremented for every device fault taken
  *
  * Return: 0 or the error of dmirror_fault().
@@ -2400,7 +2556,7 @@ static int dmirror_access_batch(struct dmirror *dmirror, unsigned long start,
  * @cmd: the request
  * @range: the range of @cmd
  * @write: direction
- * @unlocked: see dmirror_fault_batch()
+ * @unlocked: see &struct dmirror_fault_batch
  *
  * Data moves through a bounded bounce buffer one batch at a time, because
  * user memory cannot be touched under pt_lock.
@@ -2425,7 +2581,7 @@ static int dmirror_access(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
 	for (addr = range->start; addr < range->end; addr = next) {
 		unsigned long len;
 
-		next = min(range->end, addr + DMIRROR_BATCH_PAGES * PAGE_SIZE);
+		next = dmirror_batch_end(addr, range->end);
 		len = next - addr;
 		if (write && copy_from_user(bounce, uptr, len)) {
 			ret = -EFAULT;
@@ -2490,10 +2646,15 @@ static const struct mmu_interval_notifier_ops dmirror_watch_ops = {
 	.invalidate = dmirror_watch_invalidate,
 };
 
+/*
+ * A watch lives for one request. Inserting may take the mmap lock and
+ * removing waits for callbacks that take pt_lock: neither lock is held.
+ */
 static int dmirror_watch_insert(struct dmirror_watch *watch,
 				struct dmirror *dmirror, unsigned long start,
 				unsigned long end)
 {
+	lockdep_assert_not_held(&dmirror->mm->mmap_lock);
 	watch->dmirror = dmirror;
 	if (dmirror_inject_failure())
 		return -ENOMEM;
@@ -2501,12 +2662,18 @@ static int dmirror_watch_insert(struct dmirror_watch *watch,
 					    end - start, &dmirror_watch_ops);
 }
 
+static void dmirror_watch_remove(struct dmirror_watch *watch)
+{
+	lockdep_assert_not_held(&watch->dmirror->pt_lock);
+	mmu_interval_notifier_remove(&watch->mni);
+}
+
 /**
  * dmirror_exclusive_give_back() - return an unused exclusive page to the CPU
  * @mm: mirrored mm
  * @addr: page address
  *
- * When an invalidation collided with dmirror_exclusive_page(), the page is
+ * When an invalidation collided with an attempt at exclusive access, the page is
  * left with a device-exclusive CPU entry the device never mapped. The next
  * make_device_exclusive() would fault it back first, an MMU_NOTIFY_CLEAR
  * inside the new read window: a collision again, and so forever. Faulting it
@@ -2582,46 +2749,46 @@ static int dmirror_exclusive_try(struct dmirror *dmirror,
 }
 
 /**
- * dmirror_exclusive_page() - take one page for atomic device access
+ * struct dmirror_exclusive_req - a page to take for atomic device access
  * @dmirror: mirror
  * @watch: notifier over the request's range
  * @addr: page address
- *
- * Return: 0; -EOPNOTSUPP for file-backed or hugetlb memory; -EFAULT when the
- * page cannot be faulted in writable; -EBUSY if invalidations kept
- * colliding; -EINTR, -ENOMEM.
  */
-static int dmirror_exclusive_page(struct dmirror *dmirror,
-				  struct dmirror_watch *watch,
-				  unsigned long addr)
+struct dmirror_exclusive_req {
+	struct dmirror *dmirror;
+	struct dmirror_watch *watch;
+	unsigned long addr;
+};
+
+/**
+ * dmirror_exclusive_pass() - one attempt at taking a page for atomic access
+ * @arg: the &struct dmirror_exclusive_req
+ *
+ * After a collision the page is given back to the CPU before the next
+ * attempt (dmirror_exclusive_give_back()).
+ *
+ * Return: 0; -EAGAIN after a collision; -EOPNOTSUPP for file-backed or
+ * hugetlb memory; -EFAULT when the page cannot be faulted in writable;
+ * -EINTR, -ENOMEM.
+ */
+static int dmirror_exclusive_pass(void *arg)
 {
-	struct dmirror_retry retry;
+	struct dmirror_exclusive_req *req = arg;
+	struct dmirror *dmirror = req->dmirror;
 	struct dmirror_leaf *leaf;
 	bool installed = false;
 	int ret;
 
-	dmirror_retry_init(&retry);
-	for (;;) {
-		leaf = dmirror_leaf_get(dmirror, addr);
-		if (IS_ERR(leaf)) {
-			ret = PTR_ERR(leaf);
-			break;
-		}
-		ret = dmirror_exclusive_try(dmirror, leaf, watch, addr,
-					    &installed);
-		dmirror_leaf_put(leaf);
-		if (ret || installed)
-			break;
-
-		atomic64_inc(&dmirror->mdevice->stats.exclusive_retries);
-		ret = dmirror_retry_again(&retry);
-		if (ret)
-			break;
-		ret = dmirror_exclusive_give_back(dmirror->mm, addr);
-		if (ret)
-			break;
-	}
-	return ret;
+	leaf = dmirror_leaf_get(dmirror, req->addr);
+	if (IS_ERR(leaf))
+		return PTR_ERR(leaf);
+	ret = dmirror_exclusive_try(dmirror, leaf, req->watch, req->addr,
+				    &installed);
+	dmirror_leaf_put(leaf);
+	if (ret || installed)
+		return ret;
+	ret = dmirror_exclusive_give_back(dmirror->mm, req->addr);
+	return ret ?: -EAGAIN;
 }
 
 /**
@@ -2635,22 +2802,29 @@ static int dmirror_exclusive_page(struct dmirror *dmirror,
  * waits until no invalidation of the mm is running, which, with other
  * threads busy invalidating their own pages, can take long.
  *
- * Return: 0 or an error of dmirror_exclusive_page() or dmirror_access().
+ * Return: 0, an error of dmirror_exclusive_pass() or dmirror_access(), or
+ * -EBUSY if invalidations kept colliding.
  */
 static int dmirror_exclusive(struct dmirror *dmirror,
 			     struct hmm_dmirror_cmd *cmd,
 			     const struct dmirror_range *range)
 {
 	struct dmirror_watch watch;
-	unsigned long addr;
+	struct dmirror_exclusive_req req = {
+		.dmirror = dmirror,
+		.watch = &watch,
+	};
 	int ret;
 
 	ret = dmirror_watch_insert(&watch, dmirror, range->start, range->end);
 	if (ret)
 		return ret;
-	for (addr = range->start; !ret && addr < range->end; addr += PAGE_SIZE)
-		ret = dmirror_exclusive_page(dmirror, &watch, addr);
-	mmu_interval_notifier_remove(&watch.mni);
+	for (req.addr = range->start; !ret && req.addr < range->end;
+	     req.addr += PAGE_SIZE)
+		ret = dmirror_retry_collisions(dmirror_exclusive_pass, &req,
+					       dmirror_stat(dmirror->mdevice,
+							    exclusive_retries));
+	dmirror_watch_remove(&watch);
 	if (ret)
 		return ret;
 	/* Read the data back through the atomic mappings. */
@@ -2736,41 +2910,43 @@ static u8 dmirror_snapshot_entry(struct dmirror *dmirror, unsigned long hpfn)
 }
 
 /**
- * dmirror_snapshot_batch() - snapshot the CPU page table of one batch
- * @snap: notifier covering the batch
- * @range: the batch, with default_flags 0 so that nothing is faulted
+ * struct dmirror_snapshot_batch - one batch of a snapshot
+ * @dmirror: mirror asking
+ * @range: the batch, with default_flags 0 so that nothing is faulted, and
+ *	the snapshot's own notifier
  * @states: one output byte per page
- *
- * Return: 0, -EBUSY if invalidations kept colliding, -EINTR.
  */
-static int dmirror_snapshot_batch(struct dmirror_watch *snap,
-				  struct hmm_range *range, u8 *states)
+struct dmirror_snapshot_batch {
+	struct dmirror *dmirror;
+	struct hmm_range *range;
+	u8 *states;
+};
+
+/**
+ * dmirror_snapshot_pass() - one attempt at a snapshot of a batch
+ * @arg: the &struct dmirror_snapshot_batch
+ *
+ * Return: 0, -EAGAIN after a collision, or the error of hmm_range_fault().
+ */
+static int dmirror_snapshot_pass(void *arg)
 {
-	struct dmirror *dmirror = snap->dmirror;
-	unsigned long deadline = jiffies +
-				 msecs_to_jiffies(DMIRROR_FAULT_TIMEOUT_MS);
-	unsigned long i, npages;
+	struct dmirror_snapshot_batch *batch = arg;
+	struct dmirror *dmirror = batch->dmirror;
+	struct hmm_range *range = batch->range;
+	unsigned long i, npages = (range->end - range->start) >> PAGE_SHIFT;
 	int ret;
 
-	for (;;) {
-		ret = dmirror_range_fault_locked(range, NULL);
-		if (ret && ret != -EBUSY)
-			return ret;
-		if (!ret) {
-			mutex_lock(&dmirror->pt_lock);
-			if (!mmu_interval_read_retry(range->notifier,
-						     range->notifier_seq))
-				break;
-			mutex_unlock(&dmirror->pt_lock);
-		}
-		if (time_after(jiffies, deadline))
-			return -EBUSY;
-		if (fatal_signal_pending(current))
-			return -EINTR;
+	ret = dmirror_range_fault_locked(range, NULL);
+	if (ret)
+		return ret == -EBUSY ? -EAGAIN : ret;
+	mutex_lock(&dmirror->pt_lock);
+	if (mmu_interval_read_retry(range->notifier, range->notifier_seq)) {
+		mutex_unlock(&dmirror->pt_lock);
+		return -EAGAIN;
 	}
-	npages = (range->end - range->start) >> PAGE_SHIFT;
 	for (i = 0; i < npages; i++)
-		states[i] = dmirror_snapshot_entry(dmirror, range->hmm_pfns[i]);
+		batch->states[i] = dmirror_snapshot_entry(dmirror,
+							  range->hmm_pfns[i]);
 	mutex_unlock(&dmirror->pt_lock);
 	return 0;
 }
@@ -2787,8 +2963,8 @@ static int dmirror_snapshot_batch(struct dmirror_watch *snap,
  * notifier of its own rather than the mirror's. @consume runs without
  * pt_lock and may touch user memory.
  *
- * Return: 0, the first nonzero @consume return, or an error of
- * dmirror_snapshot_batch().
+ * Return: 0, the first nonzero @consume return, an error of
+ * dmirror_snapshot_pass(), or -EBUSY if invalidations kept colliding.
  */
 static int dmirror_snapshot_walk(struct dmirror *dmirror,
 				 const struct dmirror_range *range,
@@ -2802,6 +2978,11 @@ static int dmirror_snapshot_walk(struct dmirror *dmirror,
 		.hmm_pfns = pfns,
 		.dev_private_owner = dmirror->mdevice,
 	};
+	struct dmirror_snapshot_batch batch = {
+		.dmirror = dmirror,
+		.range = &hrange,
+		.states = states,
+	};
 	struct dmirror_watch watch;
 	unsigned long addr;
 	int ret;
@@ -2813,14 +2994,14 @@ static int dmirror_snapshot_walk(struct dmirror *dmirror,
 	for (addr = range->start; !ret && addr < range->end;
 	     addr = hrange.end) {
 		hrange.start = addr;
-		hrange.end = min(range->end,
-				 addr + DMIRROR_BATCH_PAGES * PAGE_SIZE);
-		ret = dmirror_snapshot_batch(&watch, &hrange, states);
+		hrange.end = dmirror_batch_end(addr, range->end);
+		ret = dmirror_retry_collisions(dmirror_snapshot_pass, &batch,
+					       NULL);
 		if (!ret)
 			ret = consume(arg, states,
 				      (hrange.end - addr) >> PAGE_SHIFT);
 	}
-	mmu_interval_notifier_remove(&watch.mni);
+	dmirror_watch_remove(&watch);
 	return ret;
 }
 
@@ -3073,6 +3254,7 @@ static long dmirror_migrate_batch(struct dmirror *dmirror,
 {
 	long ret;
 
+	mmap_assert_locked(dmirror->mm);
 	args->pgmap_owner = dmirror->mdevice;
 	ret = migrate_vma_setup(args);
 	if (ret)
@@ -3272,33 +3454,36 @@ static const struct dev_pagemap_ops dmirror_devmem_ops = {
  */
 static int dmirror_chunk_evict(struct dmirror_chunk *chunk)
 {
-	struct migrate_vma args = { .npages = chunk->npages };
+	unsigned long npages = dmirror_chunk_npages(chunk);
+	struct migrate_vma args = { .npages = npages };
 	int ret = -ENOMEM;
 
-	args.src = kvcalloc(chunk->npages, sizeof(*args.src), GFP_KERNEL);
-	args.dst = kvcalloc(chunk->npages, sizeof(*args.dst), GFP_KERNEL);
+	args.src = kvcalloc(npages, sizeof(*args.src), GFP_KERNEL);
+	args.dst = kvcalloc(npages, sizeof(*args.dst), GFP_KERNEL);
 	if (!args.src || !args.dst)
 		goto out;
-	ret = migrate_device_range(args.src, chunk->first_pfn, chunk->npages);
+	ret = migrate_device_range(args.src, dmirror_chunk_first_pfn(chunk),
+				   npages);
 	if (ret)
 		goto out;
 	ret = dmirror_migrate_alloc_to_sys(&args, NULL, false);
-	migrate_device_pages(args.src, args.dst, chunk->npages);
-	migrate_device_finalize(args.src, args.dst, chunk->npages);
+	migrate_device_pages(args.src, args.dst, npages);
+	migrate_device_finalize(args.src, args.dst, npages);
 out:
 	kvfree(args.src);
 	kvfree(args.dst);
 	return ret;
 }
 
+/* Context: chunk_lock held, the chunk evicted. */
 static void dmirror_chunk_remove(struct dmirror_chunk *chunk)
 {
 	struct dmirror_device *mdevice = chunk->mdevice;
 
+	lockdep_assert_held(&mdevice->chunk_lock);
 	spin_lock_irq(&mdevice->mem_lock);
 	list_del(&chunk->node);
 	spin_unlock_irq(&mdevice->mem_lock);
-	mdevice->nr_chunks--;
 	memunmap_pages(&chunk->pagemap);
 	if (chunk->res)
 		release_mem_region(chunk->res->start,
@@ -3349,58 +3534,41 @@ static int dmirror_devmem_release(struct dmirror_device *mdevice)
  * Statistics and settings
  */
 
+/**
+ * dmirror_stats_read() - HMM_DMIRROR_STATS
+ * @dmirror: mirror asking
+ * @out: the counters of its device
+ */
 static void dmirror_stats_read(struct dmirror *dmirror,
 			       struct hmm_dmirror_stats *out)
 {
-	struct dmirror_device_stats *stats = &dmirror->mdevice->stats;
+	struct dmirror_device *mdevice = dmirror->mdevice;
+	u64 *field = (u64 *)out;
 	unsigned int i;
 
 	/* Deferred removals of this file count as done. */
 	flush_work(&dmirror->reap_work);
 
-	memset(out, 0, sizeof(*out));
-	out->faults = atomic64_read(&stats->faults);
-	for (i = 0; i < HMM_DMIRROR_NR_EVENTS; i++)
-		out->invalidations[i] = atomic64_read(&stats->invalidations[i]);
-	out->flushes = atomic64_read(&stats->flushes);
-	out->two_pass_starts = atomic64_read(&stats->two_pass_starts);
-	out->two_pass_finishes = atomic64_read(&stats->two_pass_finishes);
-	out->sync_fallbacks = atomic64_read(&stats->sync_fallbacks);
-	out->nonblock_refused = atomic64_read(&stats->nonblock_refused);
+	for (i = 0; i < DMIRROR_NR_STATS; i++)
+		field[i] = atomic64_read(&mdevice->stats[i]);
 	out->flushes_in_flight_max =
 		atomic_read(&dmirror_flushes_in_flight_max);
-	out->notifiers_live = atomic64_read(&stats->notifiers_live);
-	out->notifier_inserts = atomic64_read(&stats->notifier_inserts);
-	out->notifier_removals = atomic64_read(&stats->notifier_removals);
-	out->fault_retries = atomic64_read(&stats->fault_retries);
-	out->exclusive_retries = atomic64_read(&stats->exclusive_retries);
-	out->stale_installs = atomic64_read(&stats->stale_installs);
 	out->finish_pool = DMIRROR_FLUSH_POOL;
-	spin_lock(&dmirror->mdevice->lock);
+	spin_lock(&mdevice->lock);
 	out->finish_free = DMIRROR_FLUSH_POOL -
-			   bitmap_weight(dmirror->mdevice->flush_busy,
+			   bitmap_weight(mdevice->flush_busy,
 					 DMIRROR_FLUSH_POOL);
-	spin_unlock(&dmirror->mdevice->lock);
+	spin_unlock(&mdevice->lock);
 }
 
+/* HMM_DMIRROR_STATS_RESET: every counter but the live notifiers, a gauge. */
 static void dmirror_stats_reset(struct dmirror_device *mdevice)
 {
-	struct dmirror_device_stats *stats = &mdevice->stats;
 	unsigned int i;
 
-	atomic64_set(&stats->faults, 0);
-	for (i = 0; i < HMM_DMIRROR_NR_EVENTS; i++)
-		atomic64_set(&stats->invalidations[i], 0);
-	atomic64_set(&stats->flushes, 0);
-	atomic64_set(&stats->two_pass_starts, 0);
-	atomic64_set(&stats->two_pass_finishes, 0);
-	atomic64_set(&stats->sync_fallbacks, 0);
-	atomic64_set(&stats->nonblock_refused, 0);
-	atomic64_set(&stats->notifier_inserts, 0);
-	atomic64_set(&stats->notifier_removals, 0);
-	atomic64_set(&stats->fault_retries, 0);
-	atomic64_set(&stats->exclusive_retries, 0);
-	atomic64_set(&stats->stale_installs, 0);
+	for (i = 0; i < DMIRROR_NR_STATS; i++)
+		if (&mdevice->stats[i] != dmirror_stat(mdevice, notifiers_live))
+			atomic64_set(&mdevice->stats[i], 0);
 	atomic_set(&dmirror_flushes_in_flight_max,
 		   atomic_read(&dmirror_flushes_in_flight));
 }
@@ -3986,6 +4154,8 @@ static int __init dmirror_init(void)
 	unsigned int id;
 	int ret;
 
+	/* The counters mirror the UAPI structure field for field. */
+	BUILD_BUG_ON(sizeof(struct hmm_dmirror_stats) % sizeof(__u64));
 	BUILD_BUG_ON(MMU_NOTIFY_UNMAP != HMM_DMIRROR_EVENT_UNMAP);
 	BUILD_BUG_ON(MMU_NOTIFY_RELEASE != HMM_DMIRROR_EVENT_RELEASE);
 	BUILD_BUG_ON(MMU_NOTIFY_EXCLUSIVE != HMM_DMIRROR_EVENT_EXCLUSIVE);

@@ -260,7 +260,14 @@ struct hmm_dmirror_inval_query {
 	__u64		last;
 };
 
-/* Operations of %HMM_DMIRROR_HOLD */
+/**
+ * enum hmm_dmirror_hold_op - operations of %HMM_DMIRROR_HOLD
+ * @HMM_DMIRROR_HOLD_ARM: arm a hold point for a range
+ * @HMM_DMIRROR_HOLD_WAIT: wait until a task is held there
+ * @HMM_DMIRROR_HOLD_RELEASE: let it go, or disarm
+ *
+ * See &struct hmm_dmirror_hold for what each does and its errors.
+ */
 enum hmm_dmirror_hold_op {
 	HMM_DMIRROR_HOLD_ARM = 1,
 	HMM_DMIRROR_HOLD_WAIT = 2,
@@ -316,19 +323,30 @@ struct hmm_dmirror_hold {
 	__u64		npages;
 };
 
-/* How a device subscribes to invalidations of the address space it mirrors. */
+/**
+ * enum hmm_dmirror_notifier_model - how a device subscribes to invalidations
+ * of the address space it mirrors
+ * @HMM_DMIRROR_NOTIFIER_WHOLE: one interval notifier per mirror over the
+ *	whole address space, as the kernel's own test driver does
+ * @HMM_DMIRROR_NOTIFIER_PER_LEAF: one per leaf of the device page table,
+ *	inserted when the device first faults in the leaf's range and removed
+ *	once an invalidation empties it, as GPU drivers do
+ */
 enum hmm_dmirror_notifier_model {
-	/* One interval notifier per mirror over the whole address space. */
 	HMM_DMIRROR_NOTIFIER_WHOLE = 0,
-	/* One per leaf of the device page table, created on fault. */
 	HMM_DMIRROR_NOTIFIER_PER_LEAF = 1,
 };
 
-/* How a device takes an invalidation. */
+/**
+ * enum hmm_dmirror_invalidation - how a device takes an invalidation
+ * @HMM_DMIRROR_SINGLE_PASS: &mmu_interval_notifier_ops.invalidate clears the
+ *	device PTEs, flushes the device TLB and waits for the flush
+ * @HMM_DMIRROR_TWO_PASS: invalidate_start() clears and submits the flush,
+ *	invalidate_finish() waits for it (Linux 7.1 and later), so that the
+ *	flushes of several devices overlap
+ */
 enum hmm_dmirror_invalidation {
-	/* invalidate(): clear PTEs, flush, wait for the flush. */
 	HMM_DMIRROR_SINGLE_PASS = 0,
-	/* invalidate_start() clears and flushes, invalidate_finish() waits. */
 	HMM_DMIRROR_TWO_PASS = 1,
 };
 
