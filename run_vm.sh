@@ -92,6 +92,7 @@ opt_kasan=0
 opt_fault=
 opt_patches=
 opt_mutants=
+opt_expected_tests=0
 # What --mutants passes on to the run of each mutant.
 MUTANT_ARGS=()
 
@@ -118,6 +119,9 @@ Options:
                        --upstream-tests, the tree's suite on each mutant
                        too. Exit 0 only if every mutant was caught. The
                        idle limit is ${MUTANT_IDLE_DEFAULT}s unless --idle-timeout is given
+  --expected-tests     with --mutants: run on each mutant only the tests of
+                       our suite its header expects to catch it (Expect:);
+                       the baseline still runs the whole suite
   --tests PATTERN      run only tests whose kselftest name
                        (fixture.variant.test) matches this extended regex
   --repeat N           run the tests N times in one boot, the driver loaded
@@ -268,6 +272,7 @@ parse_args() {
 					die 2 "no such directory: $2"
 				shift
 			fi ;;
+		--expected-tests) opt_expected_tests=1 ;;
 		--tests) opt_tests=${2:?}; shift ;;
 		--repeat) opt_repeat=${2:?}; shift ;;
 		--kasan) opt_kasan=1 ;;
@@ -312,6 +317,11 @@ parse_args() {
 		   [ "$opt_upstream_tests" = 1 ] || [ "$opt_upstream" = 1 ]; then
 			die 2 "--fault-inject runs our suite on our driver: not with --exec, --bench, --upstream-tests or --upstream-driver"
 		fi
+	fi
+	if [ "$opt_expected_tests" = 1 ] &&
+	   { [ -z "$opt_mutants" ] || [ -n "$opt_tests" ] ||
+	     [ "$opt_upstream_tests" = 1 ]; }; then
+		die 2 "--expected-tests goes with --mutants, and neither --tests nor --upstream-tests: it picks the tests of our suite itself"
 	fi
 	if [ -n "$opt_mutants" ]; then
 		[ -d "$opt_mutants" ] || die 2 "--mutants wants a directory, not $opt_mutants"
@@ -374,7 +384,7 @@ mutant_args() {
 			if [ $# -gt 1 ] && [ "${2#-}" = "$2" ]; then
 				shift
 			fi ;;
-		--upstream-tests) ;;
+		--upstream-tests|--expected-tests) ;;
 		--kernel-src) MUTANT_ARGS+=("$1" "$(realpath "$2")"); shift ;;
 		--kernel-series|--tests|--timeout|--idle-timeout|--max-timeouts|-j)
 			MUTANT_ARGS+=("$1" "$2"); shift ;;
@@ -1200,6 +1210,7 @@ splat_signatures() {
 	for n in $(splat_lines | head -n 8); do
 		sed -n "${n}p" "$CONSOLE_LOG" |
 			sed -E -e 's/^\[ *[0-9.]+\] //' -e 's/(\+0x| CPU| PID|, CPU).*//' \
+			       -e 's/(task [^ ]+):[0-9]+ /\1 /' \
 			       -e 's/^/# splat: /'
 	done | sort -u
 }
@@ -1404,18 +1415,26 @@ mutants_baseline() {
 	progress "mutants: baseline, $suite suite: $(grep -E '^[0-9]+ passed' "$dir/baseline.$suite.log" | tail -n 1) in ${RUN_SECS}s"
 }
 
-# expected_caught MUTANT FAILURES LOG: how many of the tests the mutant's
-# header expects (Expect:, full names or test names) are among FAILURES,
-# of those that ran in LOG, as "k/n", and how many did not run (a run
-# stopped as wedged ends early); empty when it expects none ("Expect: none
-# known").
-expected_caught() {
-	local m=$1 failures=$2 log=$3 e re n=0 k=0 unrun=0 expect
-	expect=$(mutant_field "$m" Expect)
+# The tests a mutant's header expects to catch it (Expect:, full names or
+# test names), one regex a line matching a kselftest name; none for
+# "Expect: none known".
+expected_res() {
+	local e expect
+	expect=$(mutant_field "$1" Expect)
 	[[ $expect != none* ]] || return 0
 	for e in $expect; do
-		[[ $e =~ ^[a-z0-9_.]+$ ]] || continue
-		re="(^|\.)${e//./\\.}\$"
+		[[ $e =~ ^[a-z0-9_.]+$ ]] && echo "(^|\.)${e//./\\.}\$"
+	done
+	return 0
+}
+
+# expected_caught MUTANT FAILURES LOG: how many of the tests the mutant's
+# header expects are among FAILURES, of those that ran in LOG, as "k/n", and
+# how many did not run (a run stopped as wedged ends early); empty when it
+# expects none.
+expected_caught() {
+	local m=$1 failures=$2 log=$3 re n=0 k=0 unrun=0
+	while read -r re; do
 		if ! sed -nE 's/^(not )?ok [0-9]+ ([^ ]+).*/\2/p' "$log" |
 		     grep -qE "$re"; then
 			unrun=$((unrun + 1))
@@ -1425,7 +1444,7 @@ expected_caught() {
 		if echo "$failures" | grep -qE "$re"; then
 			k=$((k + 1))
 		fi
-	done
+	done < <(expected_res "$m")
 	[ $((n + unrun)) = 0 ] && return 0
 	if [ "$unrun" = 0 ]; then
 		echo "$k/$n"
@@ -1487,6 +1506,10 @@ run_mutants() {
 		for suite in "${suites[@]}"; do
 			args=(--kernel-patches "$m")
 			[ "$suite" = ours ] || args+=(--upstream-tests)
+			if [ "$suite" = ours ] && [ "$opt_expected_tests" = 1 ] &&
+			   [ -n "$(expected_res "$m")" ]; then
+				args+=(--tests "$(expected_res "$m" | paste -sd '|')")
+			fi
 			run_suite_on "$dir/$name.$suite.log" "${args[@]}"
 			mutant_verdict "$m" "$suite" "$dir/$name.$suite.log" \
 				"$dir/baseline.$suite.failures"
