@@ -5,8 +5,9 @@
 # repository's HMM test driver and kselftests, and report the result.
 #
 # Steps: fetch (kernel source), configure, build (kernel once per source and
-# configuration, then our module and tests), pack (initramfs), boot (QEMU,
-# streaming TAP), report (kernel log scan, counts, exit code).
+# configuration, then our module and tests), pack (initramfs, with
+# guest-init.sh as its /init), boot (QEMU, streaming TAP), report (kernel
+# log scan, counts, exit code). The options are in one table (Options).
 #
 # Runs may share the cache at the same time (two terminals, make -j2 check,
 # two checkouts): what one run builds, the others wait for and reuse. The
@@ -72,31 +73,185 @@ readonly TIMEOUT_DEFAULT=7200
 readonly KASAN_SLOWDOWN=3
 # Chance, in percent, that an allocation of the driver fails (--fault-inject).
 readonly FAULT_PERCENT_DEFAULT=10
+NPROC=$(nproc)
+readonly NPROC
 
-opt_series=$KERNEL_SERIES_DEFAULT
-opt_src=
-opt_tests=
-opt_upstream=0
-opt_exec=
-opt_add=()
-opt_jobs=$(nproc)
-opt_timeout=
-opt_idle=$IDLE_DEFAULT
-opt_max_timeouts=$MAX_TIMEOUTS_DEFAULT
-opt_lint=0
-opt_bench=0
-opt_upstream_tests=0
-opt_repeat=1
-opt_host_load=0
-opt_kasan=0
-opt_fault=
-opt_patches=
-opt_mutants=
-opt_expected_tests=0
-# What --mutants passes on to the run of each mutant.
-MUTANT_ARGS=()
+# --- Options ---------------------------------------------------------------
+#
+# Every option once, in the order --help lists them: a line with the option,
+# its argument, its default and the check of its value, then its help text
+# on the indented lines below. usage() prints this table and parse_args()
+# reads the command line by it; CONFLICTS says which options do not go
+# together, and plan_run() decides from the options what the run does.
+#
+#   ARG      -         a flag
+#            WORD      a value: --option WORD or --option=WORD
+#            WORD...   the same, repeatable: every value is kept
+#            [WORD]    an optional value: the next word, unless it starts
+#                      with '-'
+#            [=WORD]   an optional value, only as --option=WORD
+#   DEFAULT  the value when the option is not given ('-': none); for an
+#            optional value, the value when the option is given without it
+#            (not given, the option is off)
+#   CHECK    the kind of value check_value() accepts: flag, series (X.Y),
+#            count (1 or more), count0 (0 or more), seconds, percent,
+#            regex, command, dir, file, patches (a file or a directory)
+readonly OPTIONS="
+# option          ARG         DEFAULT                 CHECK
+--kernel-series   X.Y         $KERNEL_SERIES_DEFAULT  series
+	Debian linux-source series to test; the newest Debian version of
+	that series is used
+--kernel-src      DIR         -                       dir
+	use this kernel tree instead (e.g. a git bisect checkout); it is
+	built out of tree, never written to
+--kernel-patches  P           -                       patches
+	apply the patch P, or P/*.patch and P/*.diff in name order (patch
+	-p1), to a copy of the kernel tree and test that; the copy and its
+	build are kept and rebuilt incrementally for the next set of patches
+--mutants         [DIR]       $REPO/mutants           dir
+	mutation testing: run the suite on the unpatched kernel, then on
+	each mutant DIR/*.patch with --kernel-patches, and print which
+	mutants the suite caught and with which tests; with
+	--upstream-tests, the tree's suite on each mutant too. Exit 0 only
+	if every mutant was caught. The idle limit of those runs is
+	${MUTANT_IDLE_DEFAULT}s unless --idle-timeout is given
+--expected-tests  -           -                       flag
+	with --mutants: run on each mutant only the tests of our suite its
+	header expects to catch it (Expect:); the baseline still runs the
+	whole suite
+--tests           PATTERN     -                       regex
+	run only the tests whose kselftest name (fixture.variant.test)
+	matches this extended regex: of our suite, or with --upstream-tests
+	of the tree's
+--repeat          N           1                       count
+	run the tests N times in one boot, the driver loaded afresh each
+	time; then list the tests that failed in any of them ('name: F/N
+	failed')
+--kasan           -           -                       flag
+	use a kernel with KASAN, UBSAN and SLUB debugging (Kconfig.kasan on
+	top of Kconfig.fragment), cached apart from the normal one
+--fault-inject    [=PERCENT]  $FAULT_PERCENT_DEFAULT  percent
+	run our suite with the driver's allocations failing at random,
+	PERCENT % of them; test failures are allowed, splats, leaks, hangs
+	and a driver that does not unload are not
+--host-load       -           -                       flag
+	keep 2 x nproc busy loops running on the host while the guest runs,
+	to reproduce a loaded machine
+--upstream-driver -           -                       flag
+	load the kernel tree's own test_hmm.ko instead of ours; with
+	--bench, ours first and then the tree's, in the same boot
+--bench           -           -                       flag
+	run the benchmark (hmm-bench) instead of the suite
+--upstream-tests  -           -                       flag
+	run the kernel tree's own hmm-tests instead of ours (against our
+	driver, or the tree's with --upstream-driver)
+--exec            CMD         -                       command
+	run the shell command CMD in the guest (driver loaded, in /add)
+	instead of the suite
+--add             FILE...     -                       file
+	copy FILE into the guest's /add (on PATH); repeatable
+--idle-timeout    SECONDS     $IDLE_DEFAULT           seconds
+	stop the guest when it has printed nothing for this long: a hang
+--max-timeouts    N           $MAX_TIMEOUTS_DEFAULT   count0
+	stop the guest once N tests in a row have run into the harness
+	timeout: a wedged kernel; 0 never stops
+--timeout         SECONDS     $TIMEOUT_DEFAULT        seconds
+	wall-clock limit for boot and tests, a backstop; the default is
+	multiplied by $KASAN_SLOWDOWN with --kasan and by N with --repeat N
+-j                N           $NPROC                  count
+	kernel build jobs; also -jN
+--lint            -           -                       flag
+	static checks only: checkpatch --strict on our C files and a W=1
+	module build that must be warning-free
+"
+
+# Options that do not go together when both are given: the two, then why.
+readonly CONFLICTS="
+--exec           --bench            both choose what the guest runs
+--exec           --upstream-tests   both choose what the guest runs
+--bench          --upstream-tests   both choose what the guest runs
+--tests          --exec             --tests selects tests of a suite, and --exec runs none
+--tests          --bench            --tests selects tests of a suite, and --bench runs none
+--fault-inject   --exec             --fault-inject runs our suite on our driver
+--fault-inject   --bench            --fault-inject runs our suite on our driver
+--fault-inject   --upstream-tests   --fault-inject runs our suite on our driver
+--fault-inject   --upstream-driver  --fault-inject runs our suite on our driver
+--mutants        --kernel-patches   --mutants applies each mutant with --kernel-patches itself
+--mutants        --exec             --mutants runs the suites itself
+--mutants        --bench            --mutants runs the suites itself
+--mutants        --fault-inject     --mutants runs the suites itself
+--mutants        --lint             --mutants runs the suites itself
+--mutants        --repeat           --mutants runs the suites itself
+--mutants        --add              --mutants runs the suites itself
+--expected-tests --tests            --expected-tests picks the tests itself
+--expected-tests --upstream-tests   the Expect: headers name tests of our suite
+"
+
+# The table, read once: option names in order, and by name their ARG,
+# DEFAULT, CHECK and help text.
+OPT_NAMES=()
+declare -A OPT_ARG=() OPT_DEFAULT=() OPT_CHECK=() OPT_HELP=()
+# The values: OPT[--option] is '' when off or not given (a flag: 1 when
+# given); --add's files are one a line.
+declare -A OPT=()
+# The options given on the command line.
+declare -A GIVEN=()
+
+read_options_table() {
+	local line name arg default check
+	while IFS= read -r line; do
+		case $line in
+		''|'#'*) ;;
+		[[:space:]]*)
+			# A line of help text, without its indent.
+			OPT_HELP[$name]+=" ${line#"${line%%[![:space:]]*}"}" ;;
+		*)
+			read -r name arg default check <<<"$line"
+			OPT_NAMES+=("$name")
+			OPT_ARG[$name]=$arg
+			OPT_CHECK[$name]=$check
+			OPT_HELP[$name]=
+			[ "$default" != - ] || default=
+			OPT_DEFAULT[$name]=$default
+			case $arg in
+			-|'['*|*...) OPT[$name]= ;;
+			*) OPT[$name]=$default ;;
+			esac ;;
+		esac
+	done <<<"$OPTIONS"
+}
+read_options_table
+
+# on OPTION: the option is on: a flag given, a value set.
+on() {
+	[ -n "${OPT[$1]}" ]
+}
+
+given() {
+	[ -n "${GIVEN[$1]:-}" ]
+}
+
+# print_option LEFT HELP: one option of usage(), HELP wrapped beside LEFT.
+print_option() {
+	awk -v left="$1" -v text="$2" 'BEGIN {
+		pad = sprintf("%23s", "")
+		out = length(left) <= 20 ? sprintf("  %-20s ", left) \
+					 : "  " left "\n" pad
+		n = split(text, word, " ")
+		for (i = 1; i <= n; i++) {
+			if (line != "" && length(line word[i]) > 54) {
+				print out line
+				out = pad
+				line = ""
+			}
+			line = line == "" ? word[i] : line " " word[i]
+		}
+		print out line
+	}'
+}
 
 usage() {
+	local name arg left word help default
 	cat <<EOF
 Usage: $0 [options]
 
@@ -105,63 +260,190 @@ against this repository's test_hmm.ko. Prints TAP as tests run, then
 'N passed, N failed, N skipped'.
 
 Options:
-  --kernel-series X.Y  Debian linux-source series to test (default $KERNEL_SERIES_DEFAULT)
-  --kernel-src DIR     use this kernel tree instead (e.g. a git bisect
-                       checkout); it is built out of tree, never written to
-  --kernel-patches P   apply the patch P, or P/*.patch and P/*.diff in name
-                       order (patch -p1), to a copy of the kernel tree and
-                       test that; the copy and its build are kept and
-                       rebuilt incrementally for the next set of patches
-  --mutants [DIR]      mutation testing: run the suite on the unpatched
-                       kernel, then on each mutant DIR/*.patch (default
-                       mutants/) with --kernel-patches, and print which
-                       mutants the suite caught and with which tests; with
-                       --upstream-tests, the tree's suite on each mutant
-                       too. Exit 0 only if every mutant was caught. The
-                       idle limit is ${MUTANT_IDLE_DEFAULT}s unless --idle-timeout is given
-  --expected-tests     with --mutants: run on each mutant only the tests of
-                       our suite its header expects to catch it (Expect:);
-                       the baseline still runs the whole suite
-  --tests PATTERN      run only tests whose kselftest name
-                       (fixture.variant.test) matches this extended regex
-  --repeat N           run the tests N times in one boot, the driver loaded
-                       afresh each time; then list the tests that failed
-                       in any of them ('name: F/N failed')
-  --kasan              use a kernel with KASAN, UBSAN and SLUB debugging
-                       (Kconfig.kasan on top of Kconfig.fragment), cached
-                       apart from the normal one
-  --fault-inject[=PERCENT]
-                       run the tests with the driver's allocations failing
-                       at random (default $FAULT_PERCENT_DEFAULT %); test failures are
-                       allowed, splats, leaks, hangs and a driver that does
-                       not unload are not
-  --host-load          keep 2 x nproc busy loops running on the host while
-                       the guest runs, to reproduce a loaded machine
-  --upstream-driver    load the kernel tree's own test_hmm.ko instead of ours
-  --bench              run the benchmark (hmm-bench) instead of the suite;
-                       with --upstream-driver, also the tree's driver, in
-                       the same boot
-  --upstream-tests     run the kernel tree's own hmm-tests instead of ours
-                       (against our driver, or the tree's with
-                       --upstream-driver)
-  --exec 'CMD'         run CMD in the guest (driver loaded) instead of the suite
-  --add FILE           copy FILE into the guest's /add (on PATH); repeatable
-  --idle-timeout SECONDS
-                       stop the guest when it has printed nothing for this
-                       long: a hang (default $IDLE_DEFAULT)
-  --max-timeouts N     stop the guest once N tests in a row have run into
-                       the harness timeout: a wedged kernel (default
-                       $MAX_TIMEOUTS_DEFAULT; 0 never stops)
-  --timeout SECONDS    wall-clock limit for boot and tests (default
-                       $TIMEOUT_DEFAULT, times $KASAN_SLOWDOWN with --kasan, times N with --repeat N)
-  -j N                 build jobs (default $(nproc))
-  --lint               static checks only: checkpatch --strict on our C
-                       files and a W=1 module build that must be warning-free
-  -h, --help           this text
+EOF
+	for name in "${OPT_NAMES[@]}"; do
+		arg=${OPT_ARG[$name]}
+		help=${OPT_HELP[$name]}
+		default=${OPT_DEFAULT[$name]}
+		case $arg in
+		-) left=$name ;;
+		'[='*) left=$name$arg ;;
+		*) left="$name ${arg%...}" ;;
+		esac
+		case $arg in
+		'['*)
+			word=${arg#'['}
+			word=${word#=}
+			help+=" (${word%']'} defaults to $default)" ;;
+		-|*...) ;;
+		*) [ -z "$default" ] || help+=" (default $default)" ;;
+		esac
+		print_option "$left" "$help"
+	done
+	print_option "-h, --help" "this text"
+	cat <<EOF
 
 Exit status: 0 passed, 1 failed or kernel splat, 125 kernel not built or
 booted, 2 usage error. Cache and logs: $CACHE
 EOF
+}
+
+# parse_args ARGS: OPT[--option] from the command line, each value checked;
+# GIVEN notes the options given.
+parse_args() {
+	local arg name value attached
+	while [ $# -gt 0 ]; do
+		arg=$1
+		shift
+		attached=0
+		case $arg in
+		-h|--help) usage; exit 0 ;;
+		--*=*) name=${arg%%=*} value=${arg#*=} attached=1 ;;
+		-j?*) name=-j value=${arg#-j} attached=1 ;;
+		*) name=$arg value= ;;
+		esac
+		if [ -z "$name" ] || [ -z "${OPT_ARG[$name]+set}" ]; then
+			die 2 "unknown option '$arg'; see $0 --help"
+		fi
+		case ${OPT_ARG[$name]} in
+		-)
+			[ $attached = 0 ] || die 2 "$name takes no value"
+			value=1 ;;
+		'[='*)
+			[ $attached = 1 ] || value=${OPT_DEFAULT[$name]} ;;
+		'['*)
+			if [ $attached = 0 ]; then
+				value=${OPT_DEFAULT[$name]}
+				if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
+					value=$1
+					shift
+				fi
+			fi ;;
+		*)
+			if [ $attached = 0 ]; then
+				[ $# -gt 0 ] || die 2 "$name wants ${OPT_ARG[$name]%...}"
+				value=$1
+				shift
+			fi ;;
+		esac
+		check_value "${OPT_CHECK[$name]}" "$name" "$value"
+		case ${OPT_ARG[$name]} in
+		*...) OPT[$name]+=$VALUE$'\n' ;;
+		*) OPT[$name]=$VALUE ;;
+		esac
+		GIVEN[$name]=1
+	done
+}
+
+# check_value CHECK OPTION VALUE: sets VALUE to the value to keep (a path
+# made absolute), or stops the run with exit 2 saying what OPTION wants.
+check_value() {
+	local check=$1 name=$2 want='' rc=0
+	VALUE=$3
+	case $check in
+	flag) ;;
+	series) [[ $VALUE =~ ^[0-9]+\.[0-9]+$ ]] || want="a series X.Y" ;;
+	count) [[ $VALUE =~ ^[1-9][0-9]*$ ]] || want="a count, 1 or more" ;;
+	count0) [[ $VALUE =~ ^[0-9]+$ ]] || want="a count, 0 or more" ;;
+	seconds) [[ $VALUE =~ ^[1-9][0-9]*$ ]] || want="seconds, 1 or more" ;;
+	percent) [[ $VALUE =~ ^([1-9][0-9]?|100)$ ]] ||
+			want="a percentage, 1 to 100" ;;
+	command) [ -n "$VALUE" ] || want="a command" ;;
+	regex)
+		# grep says 2 for a bad expression, 1 for no match.
+		grep -E -- "$VALUE" </dev/null >/dev/null 2>&1 || rc=$?
+		if [ -z "$VALUE" ] || [ $rc = 2 ]; then
+			want="an extended regular expression"
+		fi ;;
+	dir) VALUE=$(cd "$3" 2>/dev/null && pwd) || want="a directory" ;;
+	file)
+		if [ ! -f "$3" ] || [[ $3 == *$'\n'* ]]; then
+			want="a file (its name without a newline)"
+		else
+			VALUE=$(realpath -- "$3")
+		fi ;;
+	patches)
+		VALUE=$(realpath -e -- "$3" 2>/dev/null) ||
+			want="a patch or a directory of patches" ;;
+	esac
+	[ -z "$want" ] || die 2 "$name wants $want, not '$3'"
+	[ "$check" != patches ] || patch_files "$VALUE" >/dev/null
+}
+
+check_conflicts() {
+	local a b why
+	while read -r a b why; do
+		[ -n "$a" ] || continue
+		if given "$a" && given "$b"; then
+			die 2 "$a and $b do not go together: $why"
+		fi
+	done <<<"$CONFLICTS"
+}
+
+# What the run does, decided here once from the options, which keep the
+# values given:
+#   GUEST_MODE   what guest-init.sh runs: suite (ours), upstream (the
+#                tree's hmm-tests), exec, bench or fault
+#   TESTS_PROG   the program whose tests --tests selects: hmm-tests, or
+#                upstream-hmm-tests (the tree's, same kselftest harness)
+#   DRIVER_TREE  1: the driver loaded is the tree's lib/test_hmm.ko
+#   BENCH_BOTH   1 (--bench --upstream-driver): hmm-bench on our driver,
+#                then its migration table on the tree's, in one boot
+#   TIMEOUT      the wall-clock limit of the boot
+#   FRAGMENTS    the Kconfig fragments, in the order merged
+plan_run() {
+	if given --expected-tests && ! given --mutants; then
+		die 2 "--expected-tests goes with --mutants"
+	fi
+	# CONFLICTS leaves at most one of these on.
+	if on --fault-inject; then
+		GUEST_MODE=fault
+	elif on --bench; then
+		GUEST_MODE=bench
+	elif on --upstream-tests; then
+		GUEST_MODE=upstream
+	elif on --exec; then
+		GUEST_MODE='exec'
+	else
+		GUEST_MODE=suite
+	fi
+	TESTS_PROG=hmm-tests
+	[ "$GUEST_MODE" != upstream ] || TESTS_PROG=upstream-hmm-tests
+	DRIVER_TREE=0
+	BENCH_BOTH=0
+	if on --upstream-driver && [ "$GUEST_MODE" = bench ]; then
+		BENCH_BOTH=1
+	elif on --upstream-driver; then
+		DRIVER_TREE=1
+	fi
+	TIMEOUT=${OPT[--timeout]}
+	if ! given --timeout; then
+		TIMEOUT=$((TIMEOUT * ${OPT[--repeat]}))
+		if on --kasan; then
+			TIMEOUT=$((TIMEOUT * KASAN_SLOWDOWN))
+		fi
+	fi
+	FRAGMENTS=("$REPO/Kconfig.fragment")
+	if on --kasan; then
+		[ -f "$REPO/Kconfig.kasan" ] || die 2 "--kasan needs $REPO/Kconfig.kasan"
+		FRAGMENTS+=("$REPO/Kconfig.kasan")
+	fi
+}
+
+# What --mutants passes on to the run of each mutant: every option given
+# but its own, --expected-tests and --upstream-tests, which it adds itself.
+mutant_args() {
+	local name
+	MUTANT_ARGS=()
+	for name in "${OPT_NAMES[@]}"; do
+		given "$name" || continue
+		case $name:${OPT_ARG[$name]} in
+		--mutants:*|--upstream-tests:*|--expected-tests:*) ;;
+		*:-) MUTANT_ARGS+=("$name") ;;
+		*:'[='*) MUTANT_ARGS+=("$name=${OPT[$name]}") ;;
+		*) MUTANT_ARGS+=("$name" "${OPT[$name]}") ;;
+		esac
+	done
 }
 
 # --- Output helpers --------------------------------------------------------
@@ -255,144 +537,6 @@ use_or_make() {
 	done
 }
 
-# --- Options ---------------------------------------------------------------
-
-parse_args() {
-	while [ $# -gt 0 ]; do
-		case $1 in
-		--kernel-series) opt_series=${2:?}; shift ;;
-		--kernel-src) opt_src=$(cd "${2:?}" && pwd) ||
-			die 2 "no such directory: $2"; shift ;;
-		--kernel-patches) opt_patches=$(realpath -e "${2:?}") ||
-			die 2 "no such file or directory: $2"; shift ;;
-		--mutants)
-			opt_mutants=$REPO/mutants
-			if [ $# -gt 1 ] && [ "${2#-}" = "$2" ]; then
-				opt_mutants=$(realpath -e "$2") ||
-					die 2 "no such directory: $2"
-				shift
-			fi ;;
-		--expected-tests) opt_expected_tests=1 ;;
-		--tests) opt_tests=${2:?}; shift ;;
-		--repeat) opt_repeat=${2:?}; shift ;;
-		--kasan) opt_kasan=1 ;;
-		--fault-inject) opt_fault=$FAULT_PERCENT_DEFAULT ;;
-		--fault-inject=*) opt_fault=${1#*=} ;;
-		--host-load) opt_host_load=1 ;;
-		--upstream-driver) opt_upstream=1 ;;
-		--exec) opt_exec=${2:?}; shift ;;
-		--add) [ -f "${2:?}" ] || die 2 "no such file: $2"
-			opt_add+=("$(realpath "$2")"); shift ;;
-		--timeout) opt_timeout=${2:?}; shift ;;
-		--idle-timeout) opt_idle=${2:?}; shift ;;
-		--max-timeouts) opt_max_timeouts=${2:?}; shift ;;
-		-j) opt_jobs=${2:?}; shift ;;
-		-j*) opt_jobs=${1#-j} ;;
-		--lint) opt_lint=1 ;;
-		--bench) opt_bench=1 ;;
-		--upstream-tests) opt_upstream_tests=1 ;;
-		-h|--help) usage; exit 0 ;;
-		*) usage >&2; exit 2 ;;
-		esac
-		shift
-	done
-	[[ $opt_series =~ ^[0-9]+\.[0-9]+$ ]] ||
-		die 2 "--kernel-series wants X.Y, not '$opt_series'"
-	[[ $opt_jobs =~ ^[1-9][0-9]*$ ]] || die 2 "-j wants a number"
-	[[ $opt_repeat =~ ^[1-9][0-9]*$ ]] || die 2 "--repeat wants a count"
-	[[ $opt_idle =~ ^[1-9][0-9]*$ ]] || die 2 "--idle-timeout wants seconds"
-	[[ $opt_max_timeouts =~ ^[0-9]+$ ]] || die 2 "--max-timeouts wants a count"
-	if [ -n "$opt_timeout" ]; then
-		[[ $opt_timeout =~ ^[1-9][0-9]*$ ]] ||
-			die 2 "--timeout wants seconds"
-		TIMEOUT=$opt_timeout
-	else
-		TIMEOUT=$((TIMEOUT_DEFAULT * opt_repeat))
-		[ "$opt_kasan" = 0 ] || TIMEOUT=$((TIMEOUT * KASAN_SLOWDOWN))
-	fi
-	if [ -n "$opt_fault" ]; then
-		[[ $opt_fault =~ ^([1-9][0-9]?|100)$ ]] ||
-			die 2 "--fault-inject wants a percentage, 1 to 100"
-		if [ -n "$opt_exec" ] || [ "$opt_bench" = 1 ] ||
-		   [ "$opt_upstream_tests" = 1 ] || [ "$opt_upstream" = 1 ]; then
-			die 2 "--fault-inject runs our suite on our driver: not with --exec, --bench, --upstream-tests or --upstream-driver"
-		fi
-	fi
-	if [ "$opt_expected_tests" = 1 ] &&
-	   { [ -z "$opt_mutants" ] || [ -n "$opt_tests" ] ||
-	     [ "$opt_upstream_tests" = 1 ]; }; then
-		die 2 "--expected-tests goes with --mutants, and neither --tests nor --upstream-tests: it picks the tests of our suite itself"
-	fi
-	if [ -n "$opt_mutants" ]; then
-		[ -d "$opt_mutants" ] || die 2 "--mutants wants a directory, not $opt_mutants"
-		if [ -n "$opt_patches" ] || [ -n "$opt_exec" ] ||
-		   [ "$opt_bench" = 1 ] || [ -n "$opt_fault" ] ||
-		   [ "$opt_lint" = 1 ] || [ "$opt_repeat" != 1 ] ||
-		   [ ${#opt_add[@]} != 0 ]; then
-			die 2 "--mutants runs the suites itself: not with --kernel-patches, --exec, --bench, --fault-inject, --lint, --repeat or --add"
-		fi
-	fi
-	if [ -n "$opt_patches" ]; then
-		patch_files >/dev/null
-	fi
-	if [ "$opt_upstream_tests" = 1 ]; then
-		if [ -n "$opt_exec" ] || [ "$opt_bench" = 1 ]; then
-			die 2 "--upstream-tests goes with neither --exec nor --bench"
-		fi
-		opt_exec=upstream-hmm-tests
-	fi
-	if [ "$opt_bench" = 1 ]; then
-		[ -z "$opt_exec" ] || die 2 "--bench and --exec do not go together"
-		opt_exec=hmm-bench
-		# Both drivers in one boot: ours first, then the tree's.
-		if [ "$opt_upstream" = 1 ]; then
-			opt_upstream=0
-			opt_exec="echo '# test_hmm: this repository'; hmm-bench &&
-modprobe -r test_hmm &&
-insmod /add/test_hmm_upstream.ko spm_addr_dev0=$SPM_ADDR0 spm_addr_dev1=$SPM_ADDR1 &&
-echo '# test_hmm: the kernel tree (upstream)' && hmm-bench -M &&
-rmmod test_hmm && modprobe test_hmm spm_addr_dev0=$SPM_ADDR0 spm_addr_dev1=$SPM_ADDR1"
-			opt_bench=2
-		fi
-	fi
-	if [ -n "$opt_tests" ] && [ -n "$opt_exec" ]; then
-		die 2 "--tests goes with neither --exec nor --bench"
-	fi
-	# What the guest runs: see guest_init.
-	if [ -n "$opt_fault" ]; then
-		GUEST_MODE='fault'
-	elif [ -n "$opt_exec" ]; then
-		GUEST_MODE='exec'
-	else
-		GUEST_MODE='suite'
-	fi
-	FRAGMENTS=("$REPO/Kconfig.fragment")
-	if [ "$opt_kasan" = 1 ]; then
-		[ -f "$REPO/Kconfig.kasan" ] || die 2 "--kasan needs $REPO/Kconfig.kasan"
-		FRAGMENTS+=("$REPO/Kconfig.kasan")
-	fi
-	return 0
-}
-
-# The options of this run that --mutants passes on to the run of each
-# mutant: all but its own and --upstream-tests, which it adds itself.
-mutant_args() {
-	MUTANT_ARGS=()
-	while [ $# -gt 0 ]; do
-		case $1 in
-		--mutants)
-			if [ $# -gt 1 ] && [ "${2#-}" = "$2" ]; then
-				shift
-			fi ;;
-		--upstream-tests|--expected-tests) ;;
-		--kernel-src) MUTANT_ARGS+=("$1" "$(realpath "$2")"); shift ;;
-		--kernel-series|--tests|--timeout|--idle-timeout|--max-timeouts|-j)
-			MUTANT_ARGS+=("$1" "$2"); shift ;;
-		*) MUTANT_ARGS+=("$1") ;;
-		esac
-		shift
-	done
-}
 
 # --- Host dependencies -----------------------------------------------------
 
@@ -546,7 +690,7 @@ unpack_source() {
 
 # Sets KSRC to an unpacked linux-source-<series> and KSRC_ID to its version.
 fetch_debian_source() {
-	SRC_PKG=linux-source-$opt_series
+	SRC_PKG=linux-source-${OPT[--kernel-series]}
 	SRC_DIR=$CACHE/src/$SRC_PKG
 	mkdir -p "$CACHE/src"
 	lock "$CACHE/apt/.lock" -x fetch "the apt cache" "in use"
@@ -558,25 +702,29 @@ fetch_debian_source() {
 		source_up_to_date unpack_source
 	KSRC=$SRC_DIR
 	KSRC_ID="debian $SRC_PKG $SRC_VERSION"
-	BUILD_NAME=debian-$opt_series
+	BUILD_NAME=debian-${OPT[--kernel-series]}
 }
 
 fetch() {
 	mkdir -p "$CACHE/apt"
 	install_deps
-	if [ -n "$opt_src" ]; then
-		if [ ! -f "$opt_src/Makefile" ] || [ ! -d "$opt_src/mm" ]; then
-			die 125 "$opt_src is not a kernel tree"
+	if on --kernel-src; then
+		KSRC=${OPT[--kernel-src]}
+		if [ ! -f "$KSRC/Makefile" ] || [ ! -d "$KSRC/mm" ]; then
+			die 125 "$KSRC is not a kernel tree"
 		fi
-		KSRC=$opt_src
-		KSRC_ID="tree $opt_src at $(source_tree_state "$opt_src")"
-		BUILD_NAME=$(basename "$opt_src")-$(echo "$opt_src" | sha1sum | cut -c1-8)
+		KSRC_ID="tree $KSRC at $(source_tree_state "$KSRC")"
+		BUILD_NAME=$(basename "$KSRC")-$(echo "$KSRC" | sha1sum | cut -c1-8)
 	else
 		fetch_debian_source
 	fi
 	# The variant kernel has its own build, module and run directories.
-	[ "$opt_kasan" = 0 ] || BUILD_NAME+=-kasan
-	[ -z "$opt_patches" ] || use_patched_source
+	if on --kasan; then
+		BUILD_NAME+=-kasan
+	fi
+	if on --kernel-patches; then
+		use_patched_source
+	fi
 	KBUILD=$CACHE/build/$BUILD_NAME
 	mkdir -p "$KBUILD"
 	progress "fetch: kernel source $KSRC_ID"
@@ -598,16 +746,17 @@ source_tree_state() {
 
 # --- --kernel-patches ------------------------------------------------------
 
-# The patches of --kernel-patches, one path a line, in the order applied.
+# patch_files [P]: the patches of P (default: --kernel-patches), one path a
+# line, in the order applied.
 patch_files() {
-	local files
-	if [ -d "$opt_patches" ]; then
-		files=$(find "$opt_patches" -maxdepth 1 -type f \
+	local p=${1:-${OPT[--kernel-patches]}} files
+	if [ -d "$p" ]; then
+		files=$(find "$p" -maxdepth 1 -type f \
 			\( -name '*.patch' -o -name '*.diff' \) | LC_ALL=C sort)
 	else
-		files=$opt_patches
+		files=$p
 	fi
-	[ -n "$files" ] || die 2 "no *.patch or *.diff in $opt_patches"
+	[ -n "$files" ] || die 2 "no *.patch or *.diff in $p"
 	echo "$files"
 }
 
@@ -653,7 +802,7 @@ config_hash() {
 	{
 		echo "tinyconfig+fragment v1"
 		cat "$REPO/Kconfig.fragment"
-		if [ "$opt_kasan" = 1 ]; then
+			if on --kasan; then
 			echo "+Kconfig.kasan"
 			cat "$REPO/Kconfig.kasan"
 		fi
@@ -715,8 +864,8 @@ kernel_up_to_date() {
 
 build_kernel() {
 	rm -f "$KBUILD/.test_hmm-built"
-	progress "build: kernel with -j$opt_jobs (log: $KBUILD/build.log)"
-	make -C "$KSRC" O="$KBUILD" -j"$opt_jobs" bzImage modules \
+	progress "build: kernel with -j${OPT[-j]} (log: $KBUILD/build.log)"
+	make -C "$KSRC" O="$KBUILD" -j"${OPT[-j]}" bzImage modules \
 		>"$KBUILD/build.log" 2>&1 ||
 		die 125 "kernel build failed; see $KBUILD/build.log"
 	make -C "$KSRC" O="$KBUILD" headers_install \
@@ -738,7 +887,9 @@ kernel() {
 }
 
 configure_and_build_kernel() {
-	[ -z "$opt_patches" ] || apply_patches
+	if on --kernel-patches; then
+		apply_patches
+	fi
 	configure
 	build_kernel
 }
@@ -788,9 +939,8 @@ build_tests() {
 			>>"$out/tests-build.log" 2>&1 ||
 			die 125 "$prog build failed; see $out/tests-build.log"
 	done
-	TESTS_BIN=$out/hmm-tests
-	BENCH_BIN=$out/hmm-bench
-	[ "$opt_upstream_tests" = 1 ] || return 0
+	TESTS_DIR=$out
+	[ "$GUEST_MODE" = upstream ] || return 0
 	(cd "$KSRC/tools/testing/selftests/mm" &&
 	 gcc -static -O2 -w -isystem "$KBUILD/usr/include" \
 		-I "$KSRC/tools/testing/selftests" -I "$KSRC" \
@@ -802,17 +952,22 @@ build_tests() {
 build() {
 	kernel
 	lock_run_dir
-	[ "$opt_lint" = 1 ] && return 0
+	if on --lint; then
+		return 0
+	fi
 	build_module
 	build_tests
 	KREL=$(cat "$KBUILD/include/config/kernel.release")
-	if [ "$opt_upstream" = 1 ]; then
-		DRIVER=$KBUILD/lib/test_hmm.ko
-		[ -f "$DRIVER" ] || die 125 "the tree did not build lib/test_hmm.ko"
-	else
-		DRIVER=$MODDIR/test_hmm.ko
+	# The driver loaded (packed as test_hmm.ko), and the tree's.
+	TREE_DRIVER=$KBUILD/lib/test_hmm.ko
+	if [ "$DRIVER_TREE" = 1 ] || [ "$BENCH_BOTH" = 1 ]; then
+		[ -f "$TREE_DRIVER" ] ||
+			die 125 "the tree did not build lib/test_hmm.ko"
 	fi
+	DRIVER=$MODDIR/test_hmm.ko
+	[ "$DRIVER_TREE" = 0 ] || DRIVER=$TREE_DRIVER
 	progress "build: driver $DRIVER"
+	[ "$BENCH_BOTH" = 0 ] || progress "build: then the driver $TREE_DRIVER"
 }
 
 # --- Step: lint ------------------------------------------------------------
@@ -835,6 +990,7 @@ lint() {
 	progress "lint: bash -n / sh -n on scripts"
 	bash -n "$REPO/run_vm.sh" || rc=1
 	sh -n "$REPO/tools/testing/selftests/mm/test_hmm.sh" || rc=1
+	sh -n "$REPO/guest-init.sh" || rc=1
 	bash -n "$REPO/.ci/run" || rc=1
 	bash -n "$REPO/fresh-check.sh" || rc=1
 	if [ $rc = 0 ]; then
@@ -847,198 +1003,107 @@ lint() {
 
 # --- Step: pack ------------------------------------------------------------
 
-# kselftest names (fixture.variant.test) listed by the harness's -l table.
+# list_tests PROG: the kselftest names (fixture.variant.test) of PROG, from
+# the table the harness prints on stderr for -l. Each row is
+# printf("%-20s %-25s %s\n", fixture, variant, test), any of them empty: a
+# column is its value padded to its width, then one space, and a value
+# longer than its width pushes the rest of the row right. So each row is
+# read column by column from the left, never at fixed offsets. A fixture's
+# first row names it; its variants and tests follow, one of each a row,
+# until a row of dashes. Lines starting with '#' are the header and
+# messages (the kernel's hmm-tests says "# [INFO] detected hugetlb page
+# size" on stdout); stdout is not read.
 list_tests() {
-	"$TESTS_BIN" -l 2>&1 | awk '
-		/^-+$/ { flush(); next }
-		/^# FIXTURE/ { next }
-		{
-			f = substr($0, 1, 20); v = substr($0, 22, 25);
-			t = substr($0, 48);
-			gsub(/ /, "", f); gsub(/ /, "", v); gsub(/ /, "", t);
-			if (f != "") fixture = f;
-			if (v != "") vars[nv++] = v;
-			if (t != "") tests[nt++] = t;
+	"$1" -l 2>&1 >/dev/null | awk '
+		# The next column of row, WIDTH wide; takes it off row.
+		function column(width,   v) {
+			v = row
+			sub(/ .*/, "", v)
+			row = substr(row, (length(v) > width ? length(v) : width) + 2)
+			return v
 		}
 		function flush(  i, j) {
 			for (i = 0; i < nt; i++)
-				if (nv == 0) print fixture "." tests[i];
+				if (nv == 0) print fixture "." tests[i]
 				else for (j = 0; j < nv; j++)
-					print fixture "." vars[j] "." tests[i];
-			nv = nt = 0;
+					print fixture "." vars[j] "." tests[i]
+			nv = nt = 0
+		}
+		/^-+$/ { flush(); next }
+		/^#/ { next }
+		{
+			row = $0
+			f = column(20); v = column(25); t = row
+			sub(/ +$/, "", t)
+			if (f != "") fixture = f
+			if (v != "") vars[nv++] = v
+			if (t != "") tests[nt++] = t
 		}
 		END { flush() }'
 }
 
-# The names of the tests matching --tests, one a line; nothing for all.
+# The names of the tests of $TESTS_PROG matching --tests, one a line;
+# nothing for all.
 select_tests() {
-	local names
-	[ -n "$opt_tests" ] || return 0
-	names=$(list_tests | grep -E -- "$opt_tests" || true)
-	[ -n "$names" ] || die 2 "no test matches '$opt_tests'; names are:
-$(list_tests)"
-	progress "pack: $(echo "$names" | wc -l) tests match '$opt_tests'"
+	local names prog=$TESTS_DIR/$TESTS_PROG
+	on --tests || return 0
+	names=$(list_tests "$prog" | grep -E -- "${OPT[--tests]}" || true)
+	[ -n "$names" ] || die 2 "no test of $TESTS_PROG matches '${OPT[--tests]}'; names are:
+$(list_tests "$prog")"
+	progress "pack: $(echo "$names" | wc -l) tests of $TESTS_PROG match '${OPT[--tests]}'"
 	echo "$names"
 }
 
-# NAME='VALUE' for a POSIX shell.
-env_line() {
-	local q="'\\''"
-	printf "%s='%s'\n" "$1" "${2//\'/$q}"
-}
-
-# The guest's settings, sourced by its init.
+# The guest's settings, read by guest-init.sh: NAME=value lines, each value
+# one word that needs no quoting.
 write_guest_env() {
-	env_line MODE "$GUEST_MODE"
-	env_line REPEAT "$opt_repeat"
-	env_line SPM_ADDR0 "$SPM_ADDR0"
-	env_line SPM_ADDR1 "$SPM_ADDR1"
-	env_line FAULT_PERCENT "${opt_fault:-0}"
-	env_line GUEST_PASS "$GUEST_PASS"
-	env_line GUEST_FAIL "$GUEST_FAIL"
-	env_line GUEST_SKIP "$GUEST_SKIP"
+	local name value
+	for name in GUEST_MODE REPEAT SPM_ADDR0 SPM_ADDR1 FAULT_PERCENT \
+		    BENCH_BOTH GUEST_PASS GUEST_FAIL GUEST_SKIP; do
+		case $name in
+		REPEAT) value=${OPT[--repeat]} ;;
+		FAULT_PERCENT) value=${OPT[--fault-inject]:-0} ;;
+		*) value=${!name} ;;
+		esac
+		[[ $value =~ ^[A-Za-z0-9_]+$ ]] ||
+			die 125 "guest setting $name='$value' is not one plain word"
+		echo "$name=$value"
+	done
 }
 
-# The guest's init, the same for every run: what varies is in
-# /test_hmm.env (write_guest_env), /tests.list (select_tests) and
-# /add/.exec (--exec). Lines starting "test_hmm-" are read by report.
-guest_init() {
-	cat <<'EOF'
-#!/bin/busybox sh
-# Guest init, written by run_vm.sh; the run's settings are in /test_hmm.env.
-/bin/busybox --install -s /bin
-export PATH=/bin:/sbin:/usr/share/kselftest/mm:/add
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
-mount -t debugfs debugfs /sys/kernel/debug
-mount -t tmpfs tmpfs /tmp
-mkdir -p /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup
-# Results go to the second serial port; the kernel keeps the first.
-exec >/dev/ttyS1 2>&1
-. /test_hmm.env
-echo "test_hmm-guest: started on $(uname -r)"
-KMEMLEAK=/sys/kernel/debug/kmemleak
-# Leaks found at boot are not ours: report them once, then forget them.
-if [ -w $KMEMLEAK ]; then
-	echo scan >$KMEMLEAK
-	echo clear >$KMEMLEAK
-fi
-
-load_driver() {
-	modprobe test_hmm spm_addr_dev0=$SPM_ADDR0 spm_addr_dev1=$SPM_ADDR1
-}
-
-# The suite: test_hmm.sh loads the driver, runs hmm-tests, unloads it.
-run_suite() {
-	./test_hmm.sh smoke $SPM_ADDR0 $SPM_ADDR1 -- "$@"
-}
-
-# --exec: the command, with the driver loaded.
-run_exec() {
-	load_driver || return 1
-	(cd /add && sh /add/.exec)
-	r=$?
-	modprobe -r test_hmm || r=1
-	return $r
-}
-
-# --fault-inject: hmm-tests with the driver's allocations failing at
-# random. Test failures are expected; the host judges the rest from the
-# "test_hmm-fault:" lines and the kernel log.
-run_fault() {
-	fail=/sys/kernel/debug/fail_test_hmm
-	load_driver || return 1
-	if [ ! -d $fail ]; then
-		echo "test_hmm-fault: no-debugfs $fail"
-		modprobe -r test_hmm
-		return 1
-	fi
-	echo -1 >$fail/times
-	echo 1 >$fail/interval
-	echo 0 >$fail/space
-	echo 0 >$fail/verbose
-	echo "$FAULT_PERCENT" >$fail/probability
-	echo "test_hmm-fault: probability $FAULT_PERCENT %"
-	./hmm-tests "$@"
-	echo "test_hmm-fault: hmm-tests exit $?"
-	echo 0 >$fail/probability
-	echo "test_hmm-fault: injected $(cat $fail/injected)"
-	if ! modprobe -r test_hmm; then
-		echo "test_hmm-fault: unload failed"
-		return 1
-	fi
-	echo "test_hmm-fault: unloaded"
-}
-
-cd /usr/share/kselftest/mm
-set --
-if [ -f /tests.list ]; then
-	while read -r name; do
-		set -- "$@" -r "$name"
-	done </tests.list
-fi
-# The run fails if any repetition does; it skips if one skips and none
-# fails.
-rc=0
-i=1
-while [ $i -le "$REPEAT" ]; do
-	[ "$REPEAT" = 1 ] || echo "# test_hmm-guest: repetition $i of $REPEAT"
-	"run_$MODE" "$@"
-	r=$?
-	case $r in
-	0) ;;
-	4) [ $rc != 0 ] || rc=4 ;;
-	*) rc=$r ;;
-	esac
-	i=$((i + 1))
-done
-
-if [ -w $KMEMLEAK ]; then
-	# kmemleak reports only objects older than 5 s.
-	sleep 6
-	echo scan >$KMEMLEAK
-	cat $KMEMLEAK >/dev/ttyS0
-fi
-echo "test_hmm-guest: finished rc=$rc"
-case $rc in
-0) code=$GUEST_PASS ;;
-4) code=$GUEST_SKIP ;;
-*) code=$GUEST_FAIL ;;
-esac
-printf "\\$(printf %o $code)" | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
-poweroff -f
-EOF
-}
-
+# The initramfs: busybox, the test programs, the driver, our guest-init.sh
+# as /init, and beside it what this run asks of it (see guest-init.sh).
 pack() {
-	local root=$CACHE/run/$BUILD_NAME/root names f
+	local root=$CACHE/run/$BUILD_NAME/root mods names f
 	names=$(select_tests)
 	rm -rf "$root"
+	mods=$root/lib/modules/$KREL
 	mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,add,usr/share/kselftest/mm} \
-		"$root/lib/modules/$KREL/kernel/lib"
+		"$mods/kernel/lib"
 	cp /bin/busybox "$root/bin/busybox"
-	cp "$TESTS_BIN" "$BENCH_BIN" "$REPO/tools/testing/selftests/mm/test_hmm.sh" \
+	cp "$TESTS_DIR/hmm-tests" "$TESTS_DIR/hmm-bench" \
+		"$REPO/tools/testing/selftests/mm/test_hmm.sh" \
 		"$root/usr/share/kselftest/mm/"
-	if [ "$opt_upstream_tests" = 1 ]; then
-		cp "$(dirname "$TESTS_BIN")/upstream-hmm-tests" \
-			"$root/usr/share/kselftest/mm/"
+	if [ "$GUEST_MODE" = upstream ]; then
+		cp "$TESTS_DIR/upstream-hmm-tests" "$root/usr/share/kselftest/mm/"
 	fi
-	cp "$DRIVER" "$root/lib/modules/$KREL/kernel/lib/test_hmm.ko"
-	echo kernel/lib/test_hmm.ko >"$root/lib/modules/$KREL/modules.order"
-	cp "$KBUILD"/modules.builtin{,.modinfo} "$root/lib/modules/$KREL/"
+	cp "$DRIVER" "$mods/kernel/lib/test_hmm.ko"
+	echo kernel/lib/test_hmm.ko >"$mods/modules.order"
+	cp "$KBUILD"/modules.builtin{,.modinfo} "$mods/"
 	depmod -b "$root" "$KREL"
-	for f in "${opt_add[@]}"; do
-		cp "$f" "$root/add/"
-	done
-	printf '%s\n' "$opt_exec" >"$root/add/.exec"
-	if [ "$opt_bench" = 2 ]; then
-		cp "$KBUILD/lib/test_hmm.ko" "$root/add/test_hmm_upstream.ko"
+	if [ "$BENCH_BOTH" = 1 ]; then
+		cp "$TREE_DRIVER" "$root/test_hmm_upstream.ko"
 	fi
-	[ -z "$names" ] || echo "$names" >"$root/tests.list"
-	write_guest_env >"$root/test_hmm.env"
-	guest_init >"$root/init"
+	while IFS= read -r f; do
+		[ -z "$f" ] || cp "$f" "$root/add/"
+	done <<<"${OPT[--add]}"
+	cp "$REPO/guest-init.sh" "$root/init"
 	chmod +x "$root/init"
+	write_guest_env >"$root/test_hmm.env"
+	[ -z "$names" ] || echo "$names" >"$root/tests.list"
+	if [ "$GUEST_MODE" = exec ]; then
+		printf '%s\n' "${OPT[--exec]}" >"$root/exec.sh"
+	fi
 	INITRD=$CACHE/run/$BUILD_NAME/initramfs.cpio.gz
 	(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$INITRD"
 }
@@ -1139,10 +1204,10 @@ watch_idle() {
 	local last
 	while sleep 10; do
 		last=$(stat -c %Y "$RESULTS_LOG" 2>/dev/null) || continue
-		if [ "$opt_max_timeouts" -gt 0 ] &&
-		   [ "$(trailing_timeouts)" -ge "$opt_max_timeouts" ]; then
+		if [ "${OPT[--max-timeouts]}" -gt 0 ] &&
+		   [ "$(trailing_timeouts)" -ge "${OPT[--max-timeouts]}" ]; then
 			echo timeouts >"$IDLE_NOTE"
-		elif [ $(($(date +%s) - last)) -ge "$opt_idle" ]; then
+		elif [ $(($(date +%s) - last)) -ge "${OPT[--idle-timeout]}" ]; then
 			echo idle >"$IDLE_NOTE"
 		else
 			continue
@@ -1159,8 +1224,10 @@ boot() {
 	qemu_base_args
 	pick_accel
 	[ "$ACCEL" = kvm ] && cpu=host
-	[ "$opt_host_load" = 0 ] || start_host_load
-	progress "boot: QEMU ($ACCEL), stopped after ${opt_idle}s without output (at most ${TIMEOUT}s)"
+	if on --host-load; then
+		start_host_load
+	fi
+	progress "boot: QEMU ($ACCEL), stopped after ${OPT[--idle-timeout]}s without output (at most ${TIMEOUT}s)"
 	progress "boot: console log $CONSOLE_LOG"
 	: >"$CONSOLE_LOG"
 	: >"$RESULTS_LOG"
@@ -1183,7 +1250,7 @@ memmap=$SPM_SIZE\$$SPM_ADDR0 memmap=$SPM_SIZE\$$SPM_ADDR1" \
 	wait "$watcher" 2>/dev/null
 	set -e
 	QEMU_RC=$rc
-	if [ "$opt_host_load" = 1 ]; then
+	if on --host-load; then
 		progress "boot: host load average $(loadavg) at the end; stopping the busy loops"
 		stop_host_load
 	fi
@@ -1252,11 +1319,11 @@ check_guest_end() {
 	if [ "$(cat "$IDLE_NOTE" 2>/dev/null)" = timeouts ]; then
 		running=$(grep -oE '^not ok [0-9]+ [^ ]+' "$RESULTS_LOG" |
 			  tail -n 1 | awk '{ print $4 }')
-		verdict fail "wedged: $opt_max_timeouts harness timeouts in a row, the last $running; the rest not run"
+		verdict fail "wedged: ${OPT[--max-timeouts]} harness timeouts in a row, the last $running; the rest not run"
 		return 1
 	fi
 	if [ -f "$IDLE_NOTE" ]; then
-		verdict fail "no output for ${opt_idle}s while running ${running:-the command}: hung"
+		verdict fail "no output for ${OPT[--idle-timeout]}s while running ${running:-the command}: hung"
 		return 1
 	fi
 	if [ "$QEMU_RC" = 124 ] || [ "$QEMU_RC" = 137 ]; then
@@ -1283,10 +1350,10 @@ repeat_table() {
 				printf "%s: %d/%d failed\n", t, failed[t], runs[t]
 		}' "$RESULTS_LOG" | sort)
 	if [ -n "$table" ]; then
-		echo "# tests that failed in any repetition ($finished of $opt_repeat finished):"
+		echo "# tests that failed in any repetition ($finished of ${OPT[--repeat]} finished):"
 		echo "$table"
 	else
-		echo "# no test failed in any repetition ($finished of $opt_repeat finished)"
+		echo "# no test failed in any repetition ($finished of ${OPT[--repeat]} finished)"
 	fi
 }
 
@@ -1294,12 +1361,13 @@ repeat_table() {
 report_tests() {
 	count_tap
 	N_PASS=$TAP_PASS N_FAIL=$TAP_FAIL N_SKIP=$TAP_SKIP
-	[ "$opt_repeat" = 1 ] || repeat_table
+	[ "${OPT[--repeat]}" = 1 ] || repeat_table
 	if ! check_guest_end; then
 		:
 	elif [ $((QEMU_RC >> 1)) = $GUEST_FAIL ]; then
 		[ "$N_FAIL" != 0 ] || verdict fail "the guest command failed"
-	elif [ -n "$opt_exec" ] && [ "$N_PASS$N_FAIL$N_SKIP" = 000 ]; then
+	elif [[ $GUEST_MODE == @(exec|bench) ]] &&
+	     [ "$N_PASS$N_FAIL$N_SKIP" = 000 ]; then
 		# A plain command: one test.
 		if [ $((QEMU_RC >> 1)) = $GUEST_SKIP ]; then
 			N_SKIP=1
@@ -1331,17 +1399,17 @@ report_fault() {
 	if [ -z "$injected" ]; then
 		verdict fail "failures injected: unknown, the guest did not get that far"
 	elif [ "$injected" -gt 0 ]; then
-		verdict ok "$injected failures injected (probability $opt_fault %)"
+		verdict ok "$injected failures injected (probability ${OPT[--fault-inject]} %)"
 	else
-		verdict fail "no failure injected at $opt_fault %: select more tests or raise the percentage"
+		verdict fail "no failure injected at ${OPT[--fault-inject]} %: select more tests or raise the percentage"
 	fi
 	unloaded=$(grep -c '^test_hmm-fault: unloaded$' "$RESULTS_LOG" || true)
 	if grep -q '^test_hmm-fault: unload failed' "$RESULTS_LOG"; then
 		verdict fail "module did not unload"
-	elif [ "$unloaded" = "$opt_repeat" ]; then
+	elif [ "$unloaded" = "${OPT[--repeat]}" ]; then
 		verdict ok "module unloaded"
 	else
-		verdict fail "module unloaded $unloaded times of $opt_repeat"
+		verdict fail "module unloaded $unloaded times of ${OPT[--repeat]}"
 	fi
 }
 
@@ -1406,6 +1474,7 @@ mutants_baseline() {
 	run_suite_on "$dir/baseline.$suite.log" "$@"
 	case $RUN_RC in
 	0|1) ;;
+	2) die 2 "the run of the $suite suite refused its options (e.g. --tests matches none of its tests); see $dir/baseline.$suite.log" ;;
 	*) die "$RUN_RC" "the unpatched kernel did not build or boot; see $dir/baseline.$suite.log" ;;
 	esac
 	if [ "$suite" = ours ] && [ "$RUN_RC" != 0 ]; then
@@ -1486,27 +1555,31 @@ mutant_verdict() {
 run_mutants() {
 	local dir mutants m name i=0 total suites=(ours) suite args
 	local missed=0 table
-	mapfile -t mutants < <(find "$opt_mutants" -maxdepth 1 -type f \
+	mapfile -t mutants < <(find "${OPT[--mutants]}" -maxdepth 1 -type f \
 		-name '*.patch' | LC_ALL=C sort)
 	total=${#mutants[@]}
-	[ "$total" -gt 0 ] || die 2 "no *.patch in $opt_mutants"
-	[ "$opt_upstream_tests" = 0 ] || suites+=(upstream)
-	[[ " ${MUTANT_ARGS[*]} " == *" --idle-timeout "* ]] ||
+	[ "$total" -gt 0 ] || die 2 "no *.patch in ${OPT[--mutants]}"
+	if on --upstream-tests; then
+		suites+=(upstream)
+	fi
+	mutant_args
+	given --idle-timeout ||
 		MUTANT_ARGS+=(--idle-timeout "$MUTANT_IDLE_DEFAULT")
 	dir=$CACHE/mutants/$(date +%Y%m%d-%H%M%S)
 	mkdir -p "$dir"
 	table=$dir/table
-	progress "mutants: $total in $opt_mutants, suites: ${suites[*]}; logs in $dir"
+	progress "mutants: $total in ${OPT[--mutants]}, suites: ${suites[*]}; logs in $dir"
 	mutants_baseline ours "$dir"
-	[ "$opt_upstream_tests" = 0 ] ||
+	if on --upstream-tests; then
 		mutants_baseline upstream "$dir" --upstream-tests
+	fi
 	for m in "${mutants[@]}"; do
 		i=$((i + 1))
 		name=$(basename "$m" .patch)
 		for suite in "${suites[@]}"; do
 			args=(--kernel-patches "$m")
 			[ "$suite" = ours ] || args+=(--upstream-tests)
-			if [ "$suite" = ours ] && [ "$opt_expected_tests" = 1 ] &&
+			if [ "$suite" = ours ] && on --expected-tests &&
 			   [ -n "$(expected_res "$m")" ]; then
 				args+=(--tests "$(expected_res "$m" | paste -sd '|')")
 			fi
@@ -1527,15 +1600,16 @@ run_mutants() {
 }
 
 main() {
-	mutant_args "$@"
 	parse_args "$@"
-	if [ -n "$opt_mutants" ]; then
+	check_conflicts
+	plan_run
+	if on --mutants; then
 		run_mutants
 		exit
 	fi
 	fetch
 	build
-	if [ "$opt_lint" = 1 ]; then
+	if on --lint; then
 		lint
 		exit
 	fi
