@@ -2891,8 +2891,10 @@ TEST_F_TIMEOUT(hmm, exclusive_threads, HMM_SLOW_TIMEOUT)
  * Migration to the device moves every page of a private anonymous range to
  * the device's memory and hands back their data, read through the device.
  * The CPU still reads the data: a device-private page moves back to system
- * memory for that, a device-coherent page is read where it is. Migrating
- * again finds every page on the device.
+ * memory for that, a device-coherent page is read where it is. A page the
+ * CPU faulted back keeps no reference behind: the device can then give all
+ * of its memory back (RELEASE). Migrating again finds every page on the
+ * device.
  */
 TEST_F(hmm, migrate_read_back)
 {
@@ -2910,6 +2912,8 @@ TEST_F(hmm, migrate_read_back)
 	ASSERT_EQ(-1, hmm_check(b.ptr, b.size, 0x1e1));
 	ASSERT_SNAPSHOT(self->fd, b.ptr, b.npages, b.snap,
 			hmm_cpu_touched(variant->coherent)) TH_LOG("CPU read");
+	ASSERT_EQ(0, hmm_ioctl(self->fd, HMM_DMIRROR_RELEASE, NULL))
+		TH_LOG("device memory still in use after the CPU read");
 
 	ASSERT_DEV_READ(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, &b, 0x1e1, &cmd);
 
