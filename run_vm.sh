@@ -1554,7 +1554,7 @@ mutant_verdict() {
 # unpatched kernel, then on each mutant; a table of what caught what.
 run_mutants() {
 	local dir mutants m name i=0 total suites=(ours) suite args
-	local missed=0 table
+	local missed=0 table tests
 	mapfile -t mutants < <(find "${OPT[--mutants]}" -maxdepth 1 -type f \
 		-name '*.patch' | LC_ALL=C sort)
 	total=${#mutants[@]}
@@ -1579,10 +1579,11 @@ run_mutants() {
 		for suite in "${suites[@]}"; do
 			args=(--kernel-patches "$m")
 			[ "$suite" = ours ] || args+=(--upstream-tests)
-			if [ "$suite" = ours ] && on --expected-tests &&
-			   [ -n "$(expected_res "$m")" ]; then
-				args+=(--tests "$(expected_res "$m" | paste -sd '|')")
+			tests=
+			if [ "$suite" = ours ] && on --expected-tests; then
+				tests=$(expected_res "$m" | paste -sd '|')
 			fi
+			[ -z "$tests" ] || args+=(--tests "$tests")
 			run_suite_on "$dir/$name.$suite.log" "${args[@]}"
 			mutant_verdict "$m" "$suite" "$dir/$name.$suite.log" \
 				"$dir/baseline.$suite.failures"
