@@ -27,6 +27,16 @@
  * Devices 4 and up are more device-private devices (module parameter
  * private_devices counts all of them), for tests that need many devices.
  *
+ * Interconnect groups. By default each device is its own pagemap owner, as
+ * in the kernel's own driver: a device that meets another device's private
+ * page has the core migrate it to system memory first. Devices joined by a
+ * fast interconnect share one owner instead (module parameter interconnect,
+ * as drm_pagemap_acquire_owner() does for GPUs that can reach each other's
+ * memory): a device fault maps a peer's device-private page where it is,
+ * and a migration to the device takes its peers' pages straight into its
+ * memory, one copy, where a page of a device outside the group goes through
+ * system memory, two. A device outside every group behaves as before.
+ *
  * Mirrors. Every open() creates a &struct dmirror: the opener's mm as seen by
  * the device. It holds an emulated device page table, whose last level, a
  * &struct dmirror_leaf, covers an aligned range of leaf_size bytes (2 MiB by
@@ -165,6 +175,19 @@
  *
  * pt_lock, the device lock and dmirror_log_lock never nest in one another:
  * an invalidation callback takes them one after the other.
+ *
+ * Which invalidations a device may ignore. Skipping an invalidation is only
+ * safe when the device caused it itself and keeps access to the page. The
+ * one this driver skips is its own make_device_exclusive()
+ * (MMU_NOTIFY_EXCLUSIVE whose owner is the device). It never skips
+ * MMU_NOTIFY_MIGRATE, whatever its owner: a migration carries the pagemap
+ * owner, and devices on one interconnect share it, so "the owner is mine"
+ * also matches a peer migrating or evicting pages this device maps over the
+ * interconnect, and the device would go on using pages being freed. Even a
+ * device's own migration moves the data to new pages, so the old mappings
+ * must go. dmirror_pt_install() checks that the device maps only device
+ * pages of its own owner; dmirror_event_is_own() that no exclusive
+ * invalidation carries a group's owner.
  */
 
 /**
@@ -338,6 +361,8 @@
 #define DMIRROR_PTE_WRITE		BIT_ULL(1)
 /* Mapped for atomic access after make_device_exclusive(). */
 #define DMIRROR_PTE_ATOMIC		BIT_ULL(2)
+/* A page in a peer's memory, mapped over the interconnect. */
+#define DMIRROR_PTE_PEER		BIT_ULL(3)
 #define DMIRROR_PTE_PFN_SHIFT		8
 
 static unsigned long spm_addr_dev0;
@@ -379,6 +404,11 @@ static unsigned int device_memory_mb = 256;
 module_param(device_memory_mb, uint, 0444);
 MODULE_PARM_DESC(device_memory_mb,
 		 "Device-private memory of each device, in MiB, a multiple of 64 (default 256)");
+
+static char *interconnect = "";
+module_param(interconnect, charp, 0444);
+MODULE_PARM_DESC(interconnect,
+		 "Interconnect groups: ';'-separated lists of ','-separated device numbers or ranges a-b, e.g. \"0,1,4;5-7\" (default none)");
 
 /*
  * Fault injection: with CONFIG_FAULT_INJECTION the driver's allocations, and
@@ -454,7 +484,7 @@ struct dmirror_flush {
  * list of them: a new counter is a field at its end and the places that
  * count it; reading and resetting take them all. The fields the driver
  * works out when they are read (flushes_in_flight_max, finish_pool,
- * finish_free) stay zero here.
+ * finish_free, interconnect_group) stay zero here.
  */
 #define DMIRROR_NR_STATS	(sizeof(struct hmm_dmirror_stats) / sizeof(__u64))
 
@@ -488,11 +518,30 @@ struct dmirror_hold {
 };
 
 /**
+ * struct dmirror_group - devices joined by an interconnect
+ * @id: number of the group, from 1, as the interconnect parameter lists it
+ *
+ * The address of a group is the pagemap owner its devices share, as
+ * drm_pagemap_acquire_owner() gives devices with a fast interconnect one
+ * owner: hmm_range_fault() hands each of them the others' device-private
+ * pages to map where they are, and migrate_vma_setup() lets each of them
+ * take the others' pages straight into its own memory.
+ */
+struct dmirror_group {
+	unsigned int id;
+};
+
+static struct dmirror_group *dmirror_groups;
+
+/**
  * struct dmirror_device - one emulated device, /dev/hmm_dmirrorN
  * @cdev: character device
  * @dev: device model object, named hmm_dmirrorN
  * @id: N
  * @mem_type: kind of ZONE_DEVICE memory the device owns
+ * @owner: the pagemap owner of the device's memory: its interconnect group
+ *	when it is in one, else the device itself
+ * @group: the group, or NULL
  * @lock: protects @settings, @fail_next_finish, @flush_busy and @hold
  * @settings: current settings; flags and reserved are always 0
  * @fail_next_finish: the next finish object allocation fails
@@ -505,15 +554,20 @@ struct dmirror_hold {
  * @chunks: &struct dmirror_chunk of the device's memory; changed under both
  *	chunk_lock and mem_lock, so either is enough to read it
  *
- * The address of this structure is the device's owner cookie: it is passed
- * as &hmm_range.dev_private_owner and to make_device_exclusive(), so that
- * the device recognises its own memory and its own invalidations.
+ * @owner is what the device passes as &hmm_range.dev_private_owner and
+ * &migrate_vma.pgmap_owner, so that it recognises memory it may map and
+ * migrate directly. make_device_exclusive() gets the address of the device
+ * itself, never the group's: that owner comes back in the device's own
+ * MMU_NOTIFY_EXCLUSIVE invalidations, which it alone may ignore
+ * (dmirror_event_is_own()).
  */
 struct dmirror_device {
 	struct cdev cdev;
 	struct device dev;
 	unsigned int id;
 	enum hmm_dmirror_memory_type mem_type;
+	void *owner;
+	struct dmirror_group *group;
 
 	spinlock_t lock;		/* settings and flush pool */
 	struct hmm_dmirror_settings settings;
@@ -528,6 +582,72 @@ struct dmirror_device {
 	spinlock_t mem_lock;		/* chunk list and allocation state */
 	struct list_head chunks;
 };
+
+/**
+ * struct dmirror_chunk - a range of ZONE_DEVICE memory of one device
+ * @pagemap: the range and its type, private or coherent
+ * @mdevice: owning device
+ * @node: on &dmirror_device.chunks
+ * @used: allocated pages, a bit per page; under &dmirror_device.mem_lock
+ * @nr_used: bits set in @used; under mem_lock
+ * @evicting: no allocation from this chunk; under mem_lock
+ * @backing: device-private only, the system page that stands in for the
+ *	device storage of each device page; NULL while the page is free
+ * @res: device-private only, the physical address region taken; it may be
+ *	larger than the chunk (request_free_mem_region() rounds up to a
+ *	memory section)
+ *
+ * A bitmap allocator serves both sizes the device hands out: a 4 KiB page is
+ * the first clear bit, a PMD-sized folio a clear aligned run, so small pages
+ * fill partly used blocks first and whole blocks stay available for THP.
+ */
+struct dmirror_chunk {
+	struct dev_pagemap pagemap;
+	struct dmirror_device *mdevice;
+	struct list_head node;
+	unsigned long *used;
+	unsigned long nr_used;
+	bool evicting;
+	struct page **backing;
+	struct resource *res;
+};
+
+static struct dmirror_chunk *dmirror_page_chunk(struct page *page)
+{
+	return container_of(page_pgmap(page), struct dmirror_chunk, pagemap);
+}
+
+/**
+ * dmirror_page_owned() - may a device map and migrate this page as it is?
+ * @mdevice: device
+ * @page: any page
+ *
+ * Return: true for the device memory of @mdevice's pagemap owner: the
+ * device's own and, on an interconnect, that of its group's other devices.
+ * Only then is @page known to be in a &struct dmirror_chunk.
+ */
+static bool dmirror_page_owned(const struct dmirror_device *mdevice,
+			       struct page *page)
+{
+	return is_zone_device_page(page) &&
+	       page_pgmap(page)->owner == mdevice->owner;
+}
+
+/* Is @page in the memory of @mdevice itself? */
+static bool dmirror_page_local(const struct dmirror_device *mdevice,
+			       struct page *page)
+{
+	return dmirror_page_owned(mdevice, page) &&
+	       dmirror_page_chunk(page)->mdevice == mdevice;
+}
+
+/* Is @page in the memory of another device of @mdevice's group? */
+static bool dmirror_page_of_peer(const struct dmirror_device *mdevice,
+				 struct page *page)
+{
+	return dmirror_page_owned(mdevice, page) &&
+	       dmirror_page_chunk(page)->mdevice != mdevice;
+}
 
 static struct dmirror_device **dmirror_devices;
 static unsigned int dmirror_nr_ids;
@@ -1014,6 +1134,9 @@ static bool dmirror_pte_set(struct dmirror *dmirror, struct dmirror_leaf *leaf,
 	bool was_valid = *slot & DMIRROR_PTE_VALID;
 
 	lockdep_assert_held(&dmirror->pt_lock);
+	if ((*slot & DMIRROR_PTE_PEER) && !(pte & DMIRROR_PTE_VALID))
+		atomic64_inc(dmirror_stat(dmirror->mdevice,
+					  interconnect_unmaps));
 	leaf->nr_valid -= was_valid;
 	leaf->nr_valid += !!(pte & DMIRROR_PTE_VALID);
 	*slot = pte;
@@ -1580,13 +1703,22 @@ to_dmirror_notifier(struct mmu_interval_notifier *mni)
  * collision and retry, causing the same invalidation again, forever. Another
  * device's exclusive access is honoured like any other invalidation.
  *
+ * Nothing else is ignored, MMU_NOTIFY_MIGRATE in particular (see "Which
+ * invalidations a device may ignore" in the Locking section): its owner is
+ * the pagemap owner, which a whole interconnect group shares.
+ *
  * Return: true if the device must ignore @range.
  */
 static bool dmirror_event_is_own(struct dmirror *dmirror,
 				 const struct mmu_notifier_range *range)
 {
-	return range->event == MMU_NOTIFY_EXCLUSIVE &&
-	       range->owner == dmirror->mdevice;
+	struct dmirror_device *mdevice = dmirror->mdevice;
+
+	if (range->event != MMU_NOTIFY_EXCLUSIVE)
+		return false;
+	/* An exclusive owner is a device, never a group: it would match peers. */
+	WARN_ON_ONCE(mdevice->group && range->owner == mdevice->owner);
+	return range->owner == mdevice;
 }
 
 /**
@@ -1851,6 +1983,32 @@ static unsigned long dmirror_hmm_pfn(unsigned long hpfn, unsigned long addr)
 }
 
 /**
+ * dmirror_pte_flags() - the device PTE flags for one hmm_range_fault() output
+ * @mdevice: device
+ * @page: the page mapped
+ * @hpfn: the output
+ *
+ * hmm_range_fault() hands out device-private pages only of the owner the
+ * range names (the device's, or its group's), which the device can reach;
+ * any other would be a core bug, and the device could not read it.
+ *
+ * Return: the flags, %DMIRROR_PTE_PEER for a page in a peer's memory.
+ */
+static u64 dmirror_pte_flags(struct dmirror_device *mdevice, struct page *page,
+			     unsigned long hpfn)
+{
+	u64 flags = (hpfn & HMM_PFN_WRITE) ? DMIRROR_PTE_WRITE : 0;
+
+	WARN_ON_ONCE(is_device_private_page(page) &&
+		     !dmirror_page_owned(mdevice, page));
+	if (dmirror_page_of_peer(mdevice, page)) {
+		flags |= DMIRROR_PTE_PEER;
+		atomic64_inc(dmirror_stat(mdevice, interconnect_maps));
+	}
+	return flags;
+}
+
+/**
  * dmirror_pt_install() - map the result of hmm_range_fault() in the device
  * @dmirror: mirror
  * @leaf: leaf holding the whole range, in the table
@@ -1869,17 +2027,20 @@ static void dmirror_pt_install(struct dmirror *dmirror,
 	for (addr = range->start, i = 0; addr < range->end;
 	     addr += PAGE_SIZE, i++) {
 		unsigned long hpfn = range->hmm_pfns[i];
+		unsigned long pfn;
+		u64 flags;
 
 		if (WARN_ON_ONCE(!(hpfn & HMM_PFN_VALID)))
 			continue;
+		pfn = dmirror_hmm_pfn(hpfn, addr);
+		flags = dmirror_pte_flags(dmirror->mdevice, pfn_to_page(pfn),
+					  hpfn);
 		dmirror_pte_set(dmirror, leaf, addr,
-				dmirror_pte_make(dmirror_hmm_pfn(hpfn, addr),
-						 (hpfn & HMM_PFN_WRITE) ?
-						 DMIRROR_PTE_WRITE : 0));
+				dmirror_pte_make(pfn, flags));
 	}
 }
 
-/* A write fault got a page without write access: one of our own. */
+/* A write fault got a page without write access: one of its owner's. */
 static bool dmirror_needs_cpu_write_fault(const struct hmm_range *range)
 {
 	unsigned long i, npages = (range->end - range->start) >> PAGE_SHIFT;
@@ -2006,7 +2167,7 @@ static int dmirror_fault_range(struct dmirror_fault_batch *batch,
 			break;
 		range->dev_private_owner = NULL;
 	}
-	range->dev_private_owner = batch->dmirror->mdevice;
+	range->dev_private_owner = batch->dmirror->mdevice->owner;
 	return ret;
 }
 
@@ -2090,7 +2251,7 @@ static int dmirror_fault(struct dmirror *dmirror, unsigned long start,
 		.hmm_pfns = pfns,
 		.default_flags = HMM_PFN_REQ_FAULT |
 				 (write ? HMM_PFN_REQ_WRITE : 0),
-		.dev_private_owner = dmirror->mdevice,
+		.dev_private_owner = dmirror->mdevice->owner,
 	};
 	struct dmirror_fault_batch batch = {
 		.dmirror = dmirror,
@@ -2118,41 +2279,7 @@ static int dmirror_fault(struct dmirror *dmirror, unsigned long start,
  * Device memory
  */
 
-/**
- * struct dmirror_chunk - a range of ZONE_DEVICE memory of one device
- * @pagemap: the range and its type, private or coherent
- * @mdevice: owning device
- * @node: on &dmirror_device.chunks
- * @used: allocated pages, a bit per page; under &dmirror_device.mem_lock
- * @nr_used: bits set in @used; under mem_lock
- * @evicting: no allocation from this chunk; under mem_lock
- * @backing: device-private only, the system page that stands in for the
- *	device storage of each device page; NULL while the page is free
- * @res: device-private only, the physical address region taken; it may be
- *	larger than the chunk (request_free_mem_region() rounds up to a
- *	memory section)
- *
- * A bitmap allocator serves both sizes the device hands out: a 4 KiB page is
- * the first clear bit, a PMD-sized folio a clear aligned run, so small pages
- * fill partly used blocks first and whole blocks stay available for THP.
- */
-struct dmirror_chunk {
-	struct dev_pagemap pagemap;
-	struct dmirror_device *mdevice;
-	struct list_head node;
-	unsigned long *used;
-	unsigned long nr_used;
-	bool evicting;
-	struct page **backing;
-	struct resource *res;
-};
-
 static const struct dev_pagemap_ops dmirror_devmem_ops;
-
-static struct dmirror_chunk *dmirror_page_chunk(struct page *page)
-{
-	return container_of(page_pgmap(page), struct dmirror_chunk, pagemap);
-}
 
 static unsigned long dmirror_chunk_first_pfn(const struct dmirror_chunk *chunk)
 {
@@ -2260,7 +2387,7 @@ static int dmirror_chunk_add(struct dmirror_device *mdevice)
 	chunk->pagemap.range.end = chunk->pagemap.range.start + size - 1;
 	chunk->pagemap.nr_range = 1;
 	chunk->pagemap.ops = &dmirror_devmem_ops;
-	chunk->pagemap.owner = mdevice;
+	chunk->pagemap.owner = mdevice->owner;
 
 	addr = memremap_pages(&chunk->pagemap, numa_node_id());
 	if (IS_ERR(addr)) {
@@ -2860,9 +2987,15 @@ static int dmirror_check_exclusive(struct dmirror *dmirror,
  * SNAPSHOT
  */
 
-static bool dmirror_page_is_ours(struct dmirror *dmirror, struct page *page)
+/* Where a device page is, as &enum hmm_dmirror_prot says it. */
+static u8 dmirror_snapshot_where(struct dmirror_device *mdevice,
+				 struct page *page, u8 local, u8 remote)
 {
-	return page_pgmap(page)->owner == dmirror->mdevice;
+	if (dmirror_page_local(mdevice, page))
+		return local;
+	if (dmirror_page_of_peer(mdevice, page))
+		return remote | HMM_DMIRROR_PROT_INTERCONNECT;
+	return remote;
 }
 
 /**
@@ -2887,13 +3020,13 @@ static u8 dmirror_snapshot_entry(struct dmirror *dmirror, unsigned long hpfn)
 
 	page = hmm_pfn_to_page(hpfn);
 	if (is_device_private_page(page))
-		state = dmirror_page_is_ours(dmirror, page) ?
-			HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL :
-			HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE;
+		state = dmirror_snapshot_where(dmirror->mdevice, page,
+					       HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL,
+					       HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE);
 	else if (is_device_coherent_page(page))
-		state = dmirror_page_is_ours(dmirror, page) ?
-			HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL :
-			HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE;
+		state = dmirror_snapshot_where(dmirror->mdevice, page,
+					       HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL,
+					       HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE);
 	else if (is_zero_page(page))
 		state = HMM_DMIRROR_PROT_ZERO;
 	else
@@ -2976,7 +3109,7 @@ static int dmirror_snapshot_walk(struct dmirror *dmirror,
 	u8 states[DMIRROR_BATCH_PAGES];
 	struct hmm_range hrange = {
 		.hmm_pfns = pfns,
-		.dev_private_owner = dmirror->mdevice,
+		.dev_private_owner = dmirror->mdevice->owner,
 	};
 	struct dmirror_snapshot_batch batch = {
 		.dmirror = dmirror,
@@ -3055,14 +3188,26 @@ static bool dmirror_fail_alloc(struct dmirror *dmirror)
 	return test_and_clear_bit(0, &dmirror->flags);
 }
 
+/* One copy, also from a peer's device-private page: no system memory stop. */
 static void dmirror_copy_in(struct page *dpage, struct page *spage)
 {
 	struct page *to = dmirror_page_storage(dpage);
 
 	if (spage)
-		copy_highpage(to, spage);
+		copy_highpage(to, dmirror_page_storage(spage));
 	else
 		clear_highpage(to);
+}
+
+/*
+ * A peer's device-coherent THP stays where it is: migrate_vma_setup()
+ * collects it only because system memory is selected, as if it were a
+ * system THP (the 7.3 bug the suite names HMM_BUG_COHERENT_THP_TO_SYS),
+ * and freeing it after a migration warns.
+ */
+static bool dmirror_coherent_thp(struct page *spage, unsigned long nr)
+{
+	return spage && nr > 1 && is_device_coherent_page(spage);
 }
 
 /* Give back the first @n destinations of a migration, before it runs. */
@@ -3087,7 +3232,9 @@ static void dmirror_dst_undo(unsigned long *dst, unsigned long n)
  * A large source gets a large device folio when the device has one, else
  * 4 KiB device pages (migrate_vma_pages() then splits the source). A source
  * that finds no device memory stays where it is. An empty source (a hole or
- * the zero page) becomes zeroed device memory.
+ * the zero page) becomes zeroed device memory. On an interconnect the
+ * sources include the device's own pages, which stay, and its peers' pages,
+ * which are copied across directly.
  *
  * Return: true if the device ran out of memory for a page.
  */
@@ -3108,7 +3255,9 @@ static bool dmirror_migrate_alloc_to_dev(struct dmirror *dmirror,
 		if (dmirror_want_large(src))
 			nr = spage ? folio_nr_pages(page_folio(spage)) :
 				     HPAGE_PMD_NR;
-		if (!(src & MIGRATE_PFN_MIGRATE)) {
+		if (!(src & MIGRATE_PFN_MIGRATE) ||
+		    (spage && dmirror_page_local(mdevice, spage)) ||
+		    dmirror_coherent_thp(spage, nr)) {
 			i += nr;
 			continue;
 		}
@@ -3149,17 +3298,21 @@ static bool dmirror_migrate_alloc_to_dev(struct dmirror *dmirror,
  * dmirror_migrate_alloc_to_sys() - fill the destinations of a migration back
  * @args: migrate_vma_setup() or migrate_device_range() output
  * @vma: VMA for NUMA placement, NULL when evicting without one
+ * @only: move only the pages of this device, NULL for all sources
  * @fail_large: allocate 4 KiB pages even for large sources (one-shot flag)
  *
  * Memory comes from the node the VMA's memory policy chooses. A large
  * source whose large allocation fails falls back to 4 KiB pages, except on
- * eviction (no VMA), which migrate_device_pages() only takes whole.
+ * eviction (no VMA), which migrate_device_pages() only takes whole. On an
+ * interconnect migrate_vma_setup() also collects the peers' pages, which
+ * @only leaves where they are.
  *
  * Return: 0, or -ENOMEM if a page could not be allocated at all; that page
  * stays in device memory.
  */
 static int dmirror_migrate_alloc_to_sys(struct migrate_vma *args,
 					struct vm_area_struct *vma,
+					struct dmirror_device *only,
 					bool fail_large)
 {
 	unsigned long i = 0, j, nr;
@@ -3179,6 +3332,10 @@ static int dmirror_migrate_alloc_to_sys(struct migrate_vma *args,
 		}
 		order = folio_order(page_folio(spage));
 		nr = 1UL << order;
+		if (only && dmirror_page_chunk(spage)->mdevice != only) {
+			i += nr;
+			continue;
+		}
 		if (order && !fail_large && !dmirror_inject_failure())
 			folio = vma ? vma_alloc_folio(GFP_HIGHUSER_MOVABLE, order,
 						      vma, addr) :
@@ -3212,64 +3369,296 @@ static int dmirror_migrate_alloc_to_sys(struct migrate_vma *args,
 	return ret;
 }
 
-/*
- * Pages migrate_vma_pages() moved: a large destination stands for all of
- * its pages, whose other entries are empty.
+/**
+ * dmirror_migrated() - count what migrate_vma_pages() moved
+ * @src: source array
+ * @dst: destination array
+ * @npages: their size
+ * @from_devmem: output, how many of the pages came from device memory; NULL
+ *	if not wanted
+ *
+ * A large destination stands for all of its pages, whose other entries are
+ * empty.
+ *
+ * Return: the number of pages moved.
  */
-static unsigned long dmirror_migrated(const struct migrate_vma *args)
+static unsigned long dmirror_migrated(const unsigned long *src,
+				      const unsigned long *dst,
+				      unsigned long npages,
+				      unsigned long *from_devmem)
 {
-	unsigned long i, n = 0;
+	unsigned long i, n = 0, nr;
 
-	for (i = 0; i < args->npages; i++) {
-		unsigned long dst = args->dst[i];
+	for (i = 0; i < npages; i++) {
+		struct page *spage = migrate_pfn_to_page(src[i]);
 
-		if (!(args->src[i] & MIGRATE_PFN_MIGRATE) || !dst)
+		if (!(src[i] & MIGRATE_PFN_MIGRATE) || !dst[i])
 			continue;
-		n += (dst & MIGRATE_PFN_COMPOUND) ?
-		     folio_nr_pages(page_folio(migrate_pfn_to_page(dst))) : 1;
+		nr = (dst[i] & MIGRATE_PFN_COMPOUND) ?
+		     folio_nr_pages(page_folio(migrate_pfn_to_page(dst[i]))) : 1;
+		n += nr;
+		if (from_devmem && spage && is_zone_device_page(spage))
+			*from_devmem += nr;
 	}
 	return n;
 }
 
-static unsigned long dmirror_select_device(struct dmirror_device *mdevice)
+/* Count pages that left @mdevice's memory for system memory. */
+static void dmirror_count_to_sys(struct dmirror_device *mdevice,
+				 const unsigned long *src,
+				 const unsigned long *dst, unsigned long npages)
 {
-	return dmirror_is_private(mdevice) ?
-	       MIGRATE_VMA_SELECT_DEVICE_PRIVATE :
-	       MIGRATE_VMA_SELECT_DEVICE_COHERENT;
+	atomic64_add(dmirror_migrated(src, dst, npages, NULL),
+		     dmirror_stat(mdevice, migrated_to_sys));
+}
+
+/* What a migration of the device takes: system memory, or the device's. */
+static unsigned long dmirror_migrate_select(struct dmirror_device *mdevice,
+					    bool to_dev)
+{
+	unsigned long flags = MIGRATE_VMA_SELECT_COMPOUND;
+
+	if (to_dev) {
+		flags |= MIGRATE_VMA_SELECT_SYSTEM;
+		/* The peers' memory, taken across the interconnect. */
+		if (mdevice->group)
+			flags |= MIGRATE_VMA_SELECT_DEVICE_PRIVATE |
+				 MIGRATE_VMA_SELECT_DEVICE_COHERENT;
+	} else if (dmirror_is_private(mdevice)) {
+		flags |= MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
+	} else {
+		flags |= MIGRATE_VMA_SELECT_DEVICE_COHERENT;
+	}
+	return flags;
+}
+
+/**
+ * dmirror_uncollected() - the pages of a batch migrate_vma_setup() left out
+ * @args: the batch, after migrate_vma_setup()
+ * @req: output, %HMM_PFN_REQ_FAULT for each such page, else 0
+ *
+ * An empty source is a page migrate_vma_setup() could not take where it
+ * is: in the memory of a device of another owner, swapped out, or under
+ * migration. The entries after the first of a large source are empty too,
+ * and are not counted.
+ *
+ * Context: before migrate_vma_pages(), while the sources are isolated.
+ */
+static void dmirror_uncollected(const struct migrate_vma *args,
+				unsigned long *req)
+{
+	unsigned long i = 0, nr;
+
+	while (i < args->npages) {
+		unsigned long src = args->src[i];
+		struct page *spage = migrate_pfn_to_page(src);
+
+		nr = 1;
+		if (src & MIGRATE_PFN_COMPOUND)
+			nr = spage ? folio_nr_pages(page_folio(spage)) :
+				     HPAGE_PMD_NR;
+		req[i] = src ? 0 : HMM_PFN_REQ_FAULT;
+		i += nr;
+	}
 }
 
 /**
  * dmirror_migrate_batch() - migrate one batch of a VMA
  * @dmirror: mirror
- * @args: vma, start, end and the arrays set; flags set by the caller
+ * @args: vma, start, end, flags and the arrays set
  * @to_dev: direction
  * @out_of_memory: set if the device ran out of memory
+ * @req: NULL, or output: see dmirror_uncollected()
  *
  * Context: mmap lock held for read.
  * Return: pages migrated, or a negative errno.
  */
 static long dmirror_migrate_batch(struct dmirror *dmirror,
 				  struct migrate_vma *args, bool to_dev,
-				  bool *out_of_memory)
+				  bool *out_of_memory, unsigned long *req)
 {
+	struct dmirror_device *mdevice = dmirror->mdevice;
+	unsigned long moved, from_devmem = 0;
 	long ret;
 
 	mmap_assert_locked(dmirror->mm);
-	args->pgmap_owner = dmirror->mdevice;
+	args->pgmap_owner = mdevice->owner;
 	ret = migrate_vma_setup(args);
 	if (ret)
 		return ret;
+	if (req)
+		dmirror_uncollected(args, req);
 	memset(args->dst, 0, args->npages * sizeof(*args->dst));
 	if (to_dev)
 		*out_of_memory |= dmirror_migrate_alloc_to_dev(dmirror, args);
-	else if (dmirror_migrate_alloc_to_sys(args, args->vma,
+	else if (dmirror_migrate_alloc_to_sys(args, args->vma, mdevice,
 					      dmirror_fail_alloc(dmirror)))
 		ret = -ENOMEM;
 	migrate_vma_pages(args);
-	if (!ret)
-		ret = dmirror_migrated(args);
+	moved = dmirror_migrated(args->src, args->dst, args->npages,
+				 &from_devmem);
 	migrate_vma_finalize(args);
+
+	if (to_dev) {
+		atomic64_add(moved, dmirror_stat(mdevice, migrated_to_dev));
+		atomic64_add(from_devmem,
+			     dmirror_stat(mdevice, migrated_from_peer));
+	} else {
+		atomic64_add(moved, dmirror_stat(mdevice, migrated_to_sys));
+	}
+	return ret ?: moved;
+}
+
+/**
+ * dmirror_migrate_vma() - migrate the batch of a range that starts at @addr
+ * @dmirror: mirror
+ * @args: flags and arrays set; vma, start and end are set here
+ * @addr: start of the batch
+ * @end: end of the range
+ * @to_dev: direction
+ * @out_of_memory: set if the device ran out of memory
+ * @req: NULL, or output: see dmirror_uncollected(); all 0 unless the VMA
+ *	is anonymous, the only memory a fault may bring in to migrate
+ *
+ * A batch ends at the end of the range, of the VMA or of a PMD, so that
+ * huge pages move whole.
+ *
+ * Return: pages migrated; -EINVAL for no VMA or one without read access,
+ * -ENOENT for shared memory moving to the device, or the error of the
+ * migration.
+ */
+static long dmirror_migrate_vma(struct dmirror *dmirror,
+				struct migrate_vma *args, unsigned long addr,
+				unsigned long end, bool to_dev,
+				bool *out_of_memory, unsigned long *req)
+{
+	struct mm_struct *mm = dmirror->mm;
+	long ret = -EINVAL;
+
+	if (req)
+		memset(req, 0, HPAGE_PMD_NR * sizeof(*req));
+	mmap_read_lock(mm);
+	args->vma = vma_lookup(mm, addr);
+	if (!args->vma || !(args->vma->vm_flags & VM_READ))
+		goto unlock;
+	ret = -ENOENT;
+	if (to_dev && (args->vma->vm_flags & VM_SHARED))
+		goto unlock;
+	args->start = addr;
+	args->end = min3(end, args->vma->vm_end,
+			 ALIGN(addr + 1, HPAGE_PMD_SIZE));
+	ret = dmirror_migrate_batch(dmirror, args, to_dev, out_of_memory,
+				    vma_is_anonymous(args->vma) ? req : NULL);
+unlock:
+	mmap_read_unlock(mm);
 	return ret;
+}
+
+/**
+ * struct dmirror_pull - pages a migration to the device brings in first
+ * @dmirror: mirror
+ * @range: the batch; its pfn array receives the output
+ * @req: %HMM_PFN_REQ_FAULT for each page to bring in
+ * @pulled: output, the pages now in system memory
+ */
+struct dmirror_pull {
+	struct dmirror *dmirror;
+	struct hmm_range *range;
+	const unsigned long *req;
+	unsigned long pulled;
+};
+
+/**
+ * dmirror_pull_pass() - one attempt at bringing pages into system memory
+ * @arg: the &struct dmirror_pull
+ *
+ * The pages are looked at under pt_lock after mmu_interval_read_retry(),
+ * as a fault pass does before it maps them: only then are they known to
+ * be still there.
+ *
+ * Return: 0, -EAGAIN after a collision, or the error of hmm_range_fault().
+ */
+static int dmirror_pull_pass(void *arg)
+{
+	struct dmirror_pull *pull = arg;
+	struct hmm_range *range = pull->range;
+	unsigned long i, npages = (range->end - range->start) >> PAGE_SHIFT;
+	int ret;
+
+	memcpy(range->hmm_pfns, pull->req, npages * sizeof(*pull->req));
+	ret = dmirror_range_fault_locked(range, NULL);
+	if (ret)
+		return ret == -EBUSY ? -EAGAIN : ret;
+
+	mutex_lock(&pull->dmirror->pt_lock);
+	if (mmu_interval_read_retry(range->notifier, range->notifier_seq)) {
+		mutex_unlock(&pull->dmirror->pt_lock);
+		return -EAGAIN;
+	}
+	pull->pulled = 0;
+	for (i = 0; i < npages; i++) {
+		unsigned long hpfn = range->hmm_pfns[i];
+
+		if (pull->req[i] && (hpfn & HMM_PFN_VALID) &&
+		    !is_zone_device_page(hmm_pfn_to_page(hpfn)))
+			pull->pulled++;
+	}
+	mutex_unlock(&pull->dmirror->pt_lock);
+	return 0;
+}
+
+/**
+ * dmirror_migrate_pull() - fault in what a migration batch could not take
+ * @dmirror: mirror
+ * @args: the batch done; its destination array is free to use
+ * @req: what dmirror_uncollected() found
+ *
+ * A page in the memory of a device outside the device's interconnect group
+ * cannot move across directly: the fault, as the CPU's would, has its
+ * owner migrate it to system memory, from where the batch, run again,
+ * takes it (two copies, against one from a peer). A swapped-out page is
+ * read in the same way. Pages in the memory of the device's own pagemap
+ * owner are left where they are (hmm_range_fault() returns them as they
+ * are).
+ *
+ * Context: mmap lock not held.
+ * Return: the number of pages brought into system memory; 0 if none, or
+ * when the fault failed: the pages then stay where they are.
+ */
+static unsigned long dmirror_migrate_pull(struct dmirror *dmirror,
+					  struct migrate_vma *args,
+					  const unsigned long *req)
+{
+	unsigned long i, npages = (args->end - args->start) >> PAGE_SHIFT;
+	struct hmm_range range = {
+		.start = args->start,
+		.end = args->end,
+		.hmm_pfns = args->dst,
+		.pfn_flags_mask = HMM_PFN_REQ_FAULT,
+		.dev_private_owner = dmirror->mdevice->owner,
+	};
+	struct dmirror_pull pull = {
+		.dmirror = dmirror,
+		.range = &range,
+		.req = req,
+	};
+	struct dmirror_watch watch;
+	int ret;
+
+	for (i = 0; i < npages && !req[i]; i++)
+		;
+	if (i == npages)
+		return 0;
+	if (dmirror_watch_insert(&watch, dmirror, range.start, range.end))
+		return 0;
+	range.notifier = &watch.mni;
+	ret = dmirror_retry_collisions(dmirror_pull_pass, &pull, NULL);
+	dmirror_watch_remove(&watch);
+	if (ret)
+		return 0;
+	atomic64_add(pull.pulled, dmirror_stat(dmirror->mdevice,
+					       migrate_pulled));
+	return pull.pulled;
 }
 
 /* Fails a batch with a page outside the device's memory. */
@@ -3314,59 +3703,55 @@ static int dmirror_check_local(struct dmirror *dmirror,
  * @range: the range of @cmd
  * @to_dev: direction
  *
- * Migrates in PMD-aligned batches, so that huge pages move whole. As in the
- * kernel's own driver, migration to the device then requires every page of
- * the range to be in the device's memory, moved now or before, and reads
- * them through the device into @cmd->ptr; @cmd->cpages is the range's size.
- * Migration to system memory counts the pages moved.
+ * Migrates in PMD-aligned batches, so that huge pages move whole. Pages
+ * in the memory of an interconnect peer move across directly; pages that
+ * cannot be taken where they are (on a device outside the group, swapped
+ * out) are faulted into system memory first and the batch runs again
+ * (dmirror_migrate_pull()). As in the kernel's own driver, migration to the
+ * device then requires every page of the range to be in the device's
+ * memory, moved now or before, and reads them through the device into
+ * @cmd->ptr; @cmd->cpages is the range's size. Migration to system memory
+ * moves the device's own pages, not its peers', and counts them.
  *
  * Return: 0; -EINVAL for a hole or memory without read access in the range;
  * -ENOENT when a page of the range is not in the device's memory afterwards
- * (shared or file memory, which cannot move, or a page on another device);
- * -ENOMEM when the device ran out of memory (what fitted has moved).
+ * (shared or file memory, which cannot move, or a page in the coherent
+ * memory of a device outside the group); -ENOMEM when the device ran out of
+ * memory (what fitted has moved).
  */
 static int dmirror_migrate(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
 			   const struct dmirror_range *range, bool to_dev)
 {
-	struct mm_struct *mm = dmirror->mm;
-	struct migrate_vma args = {};
+	struct migrate_vma args = {
+		.flags = dmirror_migrate_select(dmirror->mdevice, to_dev),
+	};
 	unsigned long addr, moved = 0;
 	bool out_of_memory = false;
-	unsigned long *pfns;
+	unsigned long *pfns, *req;
 	long ret = 0;
 
 	pfns = dmirror_inject_failure() ? NULL :
-	       kvcalloc(2 * HPAGE_PMD_NR, sizeof(*pfns), GFP_KERNEL);
+	       kvcalloc(3 * HPAGE_PMD_NR, sizeof(*pfns), GFP_KERNEL);
 	if (!pfns)
 		return -ENOMEM;
 	args.src = pfns;
 	args.dst = pfns + HPAGE_PMD_NR;
-	args.flags = (to_dev ? MIGRATE_VMA_SELECT_SYSTEM :
-			       dmirror_select_device(dmirror->mdevice)) |
-		     MIGRATE_VMA_SELECT_COMPOUND;
+	req = to_dev ? pfns + 2 * HPAGE_PMD_NR : NULL;
 
-	mmap_read_lock(mm);
 	for (addr = range->start; addr < range->end; addr = args.end) {
-		args.vma = vma_lookup(mm, addr);
-		if (!args.vma || !(args.vma->vm_flags & VM_READ)) {
-			ret = -EINVAL;
-			break;
+		ret = dmirror_migrate_vma(dmirror, &args, addr, range->end,
+					  to_dev, &out_of_memory, req);
+		if (ret >= 0 && req && dmirror_migrate_pull(dmirror, &args, req)) {
+			moved += ret;
+			ret = dmirror_migrate_vma(dmirror, &args, addr,
+						  range->end, to_dev,
+						  &out_of_memory, NULL);
 		}
-		if (to_dev && (args.vma->vm_flags & VM_SHARED)) {
-			ret = -ENOENT;
-			break;
-		}
-		args.start = addr;
-		args.end = min3(range->end, args.vma->vm_end,
-				ALIGN(addr + 1, HPAGE_PMD_SIZE));
-		ret = dmirror_migrate_batch(dmirror, &args, to_dev,
-					    &out_of_memory);
 		if (ret < 0)
 			break;
 		moved += ret;
 		ret = 0;
 	}
-	mmap_read_unlock(mm);
 	kvfree(pfns);
 	if (ret)
 		return ret;
@@ -3393,9 +3778,10 @@ static int dmirror_migrate(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
  * @vmf: CPU fault on a device-private page
  *
  * Moves the faulting page, or its whole folio when a PMD maps it, back to
- * system memory. Only the device (the pagemap owner) is needed, never a
- * mirror: a file may be closed, and its mirror freed, while its pages stay
- * in device memory.
+ * system memory. Only the device is needed, never a mirror: a file may be
+ * closed, and its mirror freed, while its pages stay in device memory. The
+ * migration selects by the page's pagemap owner, which is the device's
+ * interconnect group when it is in one.
  *
  * Return: 0, VM_FAULT_OOM or VM_FAULT_SIGBUS.
  */
@@ -3408,7 +3794,7 @@ static vm_fault_t dmirror_devmem_migrate_to_ram(struct vm_fault *vmf)
 	struct migrate_vma args = {
 		.vma = vmf->vma,
 		.start = ALIGN_DOWN(vmf->address, PAGE_SIZE << order),
-		.pgmap_owner = mdevice,
+		.pgmap_owner = mdevice->owner,
 		.flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE |
 			 (order ? MIGRATE_VMA_SELECT_COMPOUND : 0),
 		.fault_page = vmf->page,
@@ -3428,9 +3814,10 @@ static vm_fault_t dmirror_devmem_migrate_to_ram(struct vm_fault *vmf)
 		ret = VM_FAULT_SIGBUS;
 		goto out;
 	}
-	if (dmirror_migrate_alloc_to_sys(&args, args.vma, false))
+	if (dmirror_migrate_alloc_to_sys(&args, args.vma, NULL, false))
 		ret = VM_FAULT_OOM;
 	migrate_vma_pages(&args);
+	dmirror_count_to_sys(mdevice, args.src, args.dst, nr);
 	migrate_vma_finalize(&args);
 out:
 	kfree(args.src);
@@ -3466,8 +3853,9 @@ static int dmirror_chunk_evict(struct dmirror_chunk *chunk)
 				   npages);
 	if (ret)
 		goto out;
-	ret = dmirror_migrate_alloc_to_sys(&args, NULL, false);
+	ret = dmirror_migrate_alloc_to_sys(&args, NULL, NULL, false);
 	migrate_device_pages(args.src, args.dst, npages);
+	dmirror_count_to_sys(chunk->mdevice, args.src, args.dst, npages);
 	migrate_device_finalize(args.src, args.dst, npages);
 out:
 	kvfree(args.src);
@@ -3554,6 +3942,7 @@ static void dmirror_stats_read(struct dmirror *dmirror,
 	out->flushes_in_flight_max =
 		atomic_read(&dmirror_flushes_in_flight_max);
 	out->finish_pool = DMIRROR_FLUSH_POOL;
+	out->interconnect_group = mdevice->group ? mdevice->group->id : 0;
 	spin_lock(&mdevice->lock);
 	out->finish_free = DMIRROR_FLUSH_POOL -
 			   bitmap_weight(mdevice->flush_busy,
@@ -4042,11 +4431,13 @@ static void dmirror_device_init_settings(struct dmirror_device *mdevice)
  * dmirror_device_add() - create /dev/hmm_dmirror<id>
  * @id: its number
  * @mem_type: the memory it owns
+ * @group: its interconnect group, or NULL
  *
  * Return: 0 or a negative errno.
  */
 static int dmirror_device_add(unsigned int id,
-			      enum hmm_dmirror_memory_type mem_type)
+			      enum hmm_dmirror_memory_type mem_type,
+			      struct dmirror_group *group)
 {
 	struct dmirror_device *mdevice;
 	unsigned int i;
@@ -4057,6 +4448,8 @@ static int dmirror_device_add(unsigned int id,
 		return -ENOMEM;
 	mdevice->id = id;
 	mdevice->mem_type = mem_type;
+	mdevice->group = group;
+	mdevice->owner = group ? (void *)group : (void *)mdevice;
 	spin_lock_init(&mdevice->lock);
 	init_waitqueue_head(&mdevice->hold.wq);
 	mutex_init(&mdevice->chunk_lock);
@@ -4116,6 +4509,7 @@ static void dmirror_devices_remove(void)
 			dmirror_device_remove(dmirror_devices[id]);
 	}
 	kfree(dmirror_devices);
+	kfree(dmirror_groups);
 	unregister_chrdev_region(dmirror_devt, dmirror_nr_ids);
 }
 
@@ -4130,6 +4524,76 @@ static enum hmm_dmirror_memory_type dmirror_id_type(unsigned int id)
 	if (spm_addr_dev0 && spm_addr_dev1)
 		return HMM_DMIRROR_MEMORY_DEVICE_COHERENT;
 	return 0;
+}
+
+/**
+ * dmirror_group_parse() - read one group of the interconnect parameter
+ * @list: ','-separated device numbers and ranges a-b; changed
+ * @group_of: the group of each device number, 0 for none; updated
+ * @group: number of this group
+ *
+ * Return: 0, or -EINVAL for a number that is not a device, a device in two
+ * groups, or a group of fewer than two devices.
+ */
+static int dmirror_group_parse(char *list, unsigned int *group_of,
+			       unsigned int group)
+{
+	unsigned int first, last, id, n = 0;
+	char *item;
+
+	while ((item = strsep(&list, ","))) {
+		char *dash = strchr(item, '-');
+
+		if (dash)
+			*dash++ = '\0';
+		if (kstrtouint(item, 10, &first) ||
+		    kstrtouint(dash ?: item, 10, &last) || first > last ||
+		    last >= dmirror_nr_ids)
+			return -EINVAL;
+		for (id = first; id <= last; id++, n++) {
+			if (!dmirror_id_type(id) || group_of[id])
+				return -EINVAL;
+			group_of[id] = group;
+		}
+	}
+	return n >= 2 ? 0 : -EINVAL;
+}
+
+/**
+ * dmirror_groups_init() - make the groups of the interconnect parameter
+ * @group_of: output, the group of each device number, 0 for none
+ *
+ * Groups are disjoint and of two devices or more, so there are at most
+ * half as many as device numbers.
+ *
+ * Return: 0, -EINVAL (with a message) for a bad parameter, or -ENOMEM.
+ */
+static int dmirror_groups_init(unsigned int *group_of)
+{
+	char *spec, *cur, *list;
+	unsigned int n = 0;
+	int ret = 0;
+
+	dmirror_groups = kcalloc(dmirror_nr_ids / 2 + 1,
+				 sizeof(*dmirror_groups), GFP_KERNEL);
+	spec = kstrdup(interconnect ?: "", GFP_KERNEL);
+	cur = spec;
+	if (!dmirror_groups || !spec) {
+		ret = -ENOMEM;
+		goto out;
+	}
+	while (!ret && (list = strsep(&cur, ";"))) {
+		if (!*list)
+			continue;
+		dmirror_groups[n].id = n + 1;
+		ret = dmirror_group_parse(list, group_of, ++n);
+	}
+	if (ret)
+		pr_err("test_hmm: bad interconnect=\"%s\": groups of two or more existing devices, each in one group\n",
+		       interconnect);
+out:
+	kfree(spec);
+	return ret;
 }
 
 static int dmirror_params_check(void)
@@ -4151,6 +4615,7 @@ static int dmirror_params_check(void)
 
 static int __init dmirror_init(void)
 {
+	unsigned int *group_of;
 	unsigned int id;
 	int ret;
 
@@ -4168,15 +4633,22 @@ static int __init dmirror_init(void)
 
 	/* Private devices 2 and up take the numbers after the coherent ones. */
 	dmirror_nr_ids = private_devices + DMIRROR_NCOHERENT;
+	group_of = kcalloc(dmirror_nr_ids, sizeof(*group_of), GFP_KERNEL);
+	if (!group_of)
+		return -ENOMEM;
+	ret = dmirror_groups_init(group_of);
+	if (ret)
+		goto free_groups;
 	ret = alloc_chrdev_region(&dmirror_devt, 0, dmirror_nr_ids,
 				  "HMM_DMIRROR");
 	if (ret)
-		return ret;
+		goto free_groups;
 	dmirror_devices = kcalloc(dmirror_nr_ids, sizeof(*dmirror_devices),
 				  GFP_KERNEL);
 	if (!dmirror_devices) {
 		unregister_chrdev_region(dmirror_devt, dmirror_nr_ids);
-		return -ENOMEM;
+		ret = -ENOMEM;
+		goto free_groups;
 	}
 
 	for (id = 0; id < dmirror_nr_ids; id++) {
@@ -4184,15 +4656,24 @@ static int __init dmirror_init(void)
 
 		if (!type)
 			continue;
-		ret = dmirror_device_add(id, type);
+		ret = dmirror_device_add(id, type, group_of[id] ?
+					 &dmirror_groups[group_of[id] - 1] :
+					 NULL);
 		if (ret) {
 			dmirror_devices_remove();
+			kfree(group_of);
 			return ret;
 		}
 	}
+	kfree(group_of);
 	dmirror_fail_init();
 	pr_info("HMM test device loaded: %u device numbers\n", dmirror_nr_ids);
 	return 0;
+
+free_groups:
+	kfree(dmirror_groups);
+	kfree(group_of);
+	return ret;
 }
 
 static void __exit dmirror_exit(void)

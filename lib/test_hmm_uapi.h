@@ -175,6 +175,27 @@ struct hmm_dmirror_cmd {
  * @finish_pool: finish objects the device has for two-pass invalidations
  * @finish_free: how many of them are free now; @finish_pool when no
  *	two-pass invalidation of the device is between its passes
+ * @interconnect_group: the device's interconnect group, numbered from 1 in
+ *	the order of the interconnect module parameter; 0 when it is in none.
+ *	Devices of one group share a pagemap owner: each maps the others'
+ *	device memory directly and migrates it into its own without a stop
+ *	in system memory
+ * @interconnect_maps: device PTEs installed for a page in the memory of
+ *	another device of the group (mapped where it is, not migrated)
+ * @interconnect_unmaps: such PTEs cleared again, by an invalidation or
+ *	when the file is closed
+ * @migrated_to_dev: pages moved into the device's memory
+ * @migrated_from_peer: of those, pages that came straight from the memory
+ *	of another device of the group, in one copy
+ * @migrate_pulled: pages a migration to the device first faulted into
+ *	system memory because it could not take them where they were: in the
+ *	memory of a device outside the group (that device migrates them back,
+ *	a second copy), or swapped out
+ * @migrated_to_sys: pages moved out of the device's memory into system
+ *	memory: %HMM_DMIRROR_MIGRATE_TO_SYS, CPU faults, eviction
+ *
+ * @finish_pool, @finish_free, @notifiers_live and @interconnect_group are
+ * gauges, the rest counters.
  */
 struct hmm_dmirror_stats {
 	__u64		faults;
@@ -193,6 +214,13 @@ struct hmm_dmirror_stats {
 	__u64		stale_installs;
 	__u64		finish_pool;
 	__u64		finish_free;
+	__u64		interconnect_group;
+	__u64		interconnect_maps;
+	__u64		interconnect_unmaps;
+	__u64		migrated_to_dev;
+	__u64		migrated_from_peer;
+	__u64		migrate_pulled;
+	__u64		migrated_to_sys;
 };
 
 /**
@@ -391,6 +419,11 @@ struct hmm_dmirror_settings {
  * @HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE: device-private page of another device
  * @HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL: device-coherent page of this device
  * @HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE: device-coherent page of another device
+ * @HMM_DMIRROR_PROT_INTERCONNECT: or-ed into a REMOTE value when the other
+ *	device is in this device's interconnect group, so that this device
+ *	maps the page where it is (&hmm_dmirror_stats.interconnect_group).
+ *	Without a group, a device sees no other device's private pages: the
+ *	core moves them to system memory for it
  *
  * READ or WRITE is or-ed into the ZERO and device values, and PMD or PUD into
  * any mapped value.
@@ -407,6 +440,7 @@ enum hmm_dmirror_prot {
 	HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE	= 0x30,
 	HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL	= 0x40,
 	HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE	= 0x50,
+	HMM_DMIRROR_PROT_INTERCONNECT		= 0x80,
 };
 
 /**
