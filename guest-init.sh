@@ -40,8 +40,17 @@ mount_filesystems() {
 	mkdir -p /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup
 }
 
+# The devices and interconnect groups of our suite's peer tests, as
+# test_hmm.sh loads them; not for the tree's suite, whose coherent tests
+# expect devices 2 and 3 apart, as the kernel's own driver has them.
+PEER_PARAMS="private_devices=18 interconnect=2,3;10-17;18,19"
+
 load_driver() {
-	modprobe test_hmm spm_addr_dev0="$SPM_ADDR0" spm_addr_dev1="$SPM_ADDR1"
+	peer=$PEER_PARAMS
+	[ "$GUEST_MODE" != upstream ] || peer=
+	# shellcheck disable=SC2086 # $peer is a list of parameters
+	modprobe test_hmm spm_addr_dev0="$SPM_ADDR0" \
+		spm_addr_dev1="$SPM_ADDR1" $peer
 }
 
 # with_driver CMD...: CMD with the driver loaded, then unloaded; fails if

@@ -204,6 +204,15 @@ static int hmm_stats_reset(int fd)
 	return hmm_ioctl(fd, HMM_DMIRROR_STATS_RESET, NULL);
 }
 
+/* The interconnect group of the device behind @fd, 0 for none, < 0 error. */
+static long hmm_group(int fd)
+{
+	struct hmm_dmirror_stats stats;
+	int ret = hmm_stats(fd, &stats);
+
+	return ret ? ret : (long)stats.interconnect_group;
+}
+
 /*
  * The driver's records of the invalidations of this process that overlap
  * [@addr, @addr + @size) and came after the record @since: up to @nr_max of
@@ -3131,24 +3140,30 @@ TEST_F(hmm, migrate_file_private)
  * memory for that, device-coherent pages are read where they are, as any
  * CPU-addressable page. B's migration then takes the pages that are in
  * system memory; it fails with ENOENT for pages in A's coherent memory,
- * which stay there until A gives them back. A does not see B's private
- * pages (SNAPSHOT reports them as not populated) but reads their data.
+ * which stay there until A gives them back, unless A and B are in one
+ * interconnect group (test_hmm.sh groups 2 and 3; FIXTURE(peer)): then they
+ * move across. A does not see B's private pages (SNAPSHOT reports them as
+ * not populated) but reads their data.
  */
 TEST_F(hmm, migrate_two_devices)
 {
 	const unsigned char rw = HMM_DMIRROR_PROT_WRITE;
 	bool coherent = variant->coherent;
 	unsigned char local = hmm_local(coherent);
-	unsigned char remote = coherent ?
-		HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE | rw :
-		HMM_DMIRROR_PROT_NONE;
 	int other = variant->device ^ 1;	/* 0 <-> 1, 2 <-> 3 */
+	unsigned char remote = HMM_DMIRROR_PROT_NONE;
 	struct hmm_dmirror_cmd cmd;
 	struct hmm_buffer b;
+	bool peers;
 	int fd;
 
 	fd = hmm_open(other);
 	ASSERT_LE(0, fd);
+	peers = hmm_group(fd) > 0 && hmm_group(fd) == hmm_group(self->fd);
+	ASSERT_FALSE(peers && !coherent) TH_LOG("devices 0 and 1 in a group");
+	if (coherent)
+		remote = HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE | rw |
+			 (peers ? HMM_DMIRROR_PROT_INTERCONNECT : 0);
 	ASSERT_BUFFER_MAP(&b, HMM_ANON, HMM_NPAGES, 0x2d0);
 
 	ASSERT_CMD_ALL(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, b.ptr, b.mirror,
@@ -3163,7 +3178,7 @@ TEST_F(hmm, migrate_two_devices)
 			TH_LOG("device %d's view", other);
 	}
 
-	if (coherent) {
+	if (coherent && !peers) {
 		ASSERT_EQ(-ENOENT, hmm_cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV,
 					   b.ptr, b.mirror, b.npages, &cmd));
 		ASSERT_SNAPSHOT(self->fd, b.ptr, b.npages, b.snap, local | rw)
@@ -6152,6 +6167,509 @@ TEST_F(hmm, mmap_device)
 	ASSERT_EQ(-1, hmm_check_bytes(snap, npages, HMM_DMIRROR_PROT_READ));
 	ASSERT_EQ(-1, hmm_check_bytes(p, size, 0));
 	ASSERT_EQ(0, munmap(p, size));
+}
+
+/*
+ * Interconnect groups (the driver's interconnect parameter; test_hmm.sh
+ * loads it with the groups below). Devices of one group share a pagemap
+ * owner: each maps the others' device memory where it is, and migrates
+ * their pages into its own memory in one copy. A, B and C are devices of
+ * one group, A the one whose memory the pages start in; "other" is a device
+ * of another group, to which pages go through system memory as between
+ * devices without a group.
+ */
+#define HMM_PEER_GROUP_SIZE	8	/* devices 10 to 17 */
+#define HMM_PEER_ROUNDS		20	/* rounds of the racing tests */
+#define HMM_PEER_LOAD \
+	"load test_hmm as test_hmm.sh does (private_devices, interconnect)"
+
+FIXTURE(peer)
+{
+	int	fd[3];		/* A, B, C; -1 where the variant has none */
+	int	other;		/* a device outside the group, or -1 */
+	size_t	page_size;
+};
+
+FIXTURE_VARIANT(peer)
+{
+	int	dev[3];		/* A, B, C of one group; C < 0: none */
+	int	other;		/* < 0: none */
+	bool	coherent;
+};
+
+FIXTURE_VARIANT_ADD(peer, private)
+{
+	.dev = { 10, 11, 12 },
+	.other = 18,
+};
+
+/* Only two coherent devices exist: no C, and no device outside. */
+FIXTURE_VARIANT_ADD(peer, coherent)
+{
+	.dev = { 2, 3, -1 },
+	.other = -1,
+	.coherent = true,
+};
+
+FIXTURE_SETUP(peer)
+{
+	long group = -1;
+	int i;
+
+	self->page_size = sysconf(_SC_PAGESIZE);
+	self->other = -1;
+	for (i = 0; i < 3; i++) {
+		char path[32];
+
+		self->fd[i] = -1;
+		if (variant->dev[i] < 0)
+			continue;
+		hmm_dev_path(path, sizeof(path), variant->dev[i]);
+		if (access(path, F_OK))
+			SKIP(return, "no %s: %s", path, HMM_PEER_LOAD);
+		self->fd[i] = hmm_open(variant->dev[i]);
+		ASSERT_LE(0, self->fd[i]);
+		if (!i)
+			group = hmm_group(self->fd[0]);
+		if (group <= 0 || hmm_group(self->fd[i]) != group)
+			SKIP(return, "devices %d and %d not in one group: %s",
+			     variant->dev[0], variant->dev[i], HMM_PEER_LOAD);
+	}
+	if (variant->other >= 0) {
+		self->other = hmm_open(variant->other);
+		ASSERT_LE(0, self->other);
+		ASSERT_NE(group, hmm_group(self->other))
+			TH_LOG("device %d is in A's group", variant->other);
+	}
+}
+
+FIXTURE_TEARDOWN(peer)
+{
+	int i;
+
+	for (i = 0; i < 3; i++)
+		if (self->fd[i] >= 0)
+			close(self->fd[i]);
+	if (self->other >= 0)
+		close(self->other);
+}
+
+/* What SNAPSHOT reports for a writable page in the device's own memory. */
+static unsigned char hmm_peer_local(bool coherent)
+{
+	return hmm_local(coherent) | HMM_DMIRROR_PROT_WRITE;
+}
+
+/* ... for a writable page in the memory of another device of its group. */
+static unsigned char hmm_peer_remote(bool coherent)
+{
+	return (coherent ? HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE :
+			   HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE) |
+	       HMM_DMIRROR_PROT_INTERCONNECT | HMM_DMIRROR_PROT_WRITE;
+}
+
+/* The counters of the devices behind @fds, reset first. */
+static int hmm_peer_reset(const int *fds, int n)
+{
+	int i, ret = 0;
+
+	for (i = 0; i < n && !ret; i++)
+		if (fds[i] >= 0)
+			ret = hmm_stats_reset(fds[i]);
+	return ret;
+}
+
+/* One counter of the device behind @fd, or HMM_POISON if it cannot say. */
+#define hmm_peer_stat(fd, field) ({					\
+	struct hmm_dmirror_stats __s;					\
+	hmm_stats(fd, &__s) ? HMM_POISON : __s.field;			\
+})
+
+/*
+ * A's pages, read by B: B maps them where they are (SNAPSHOT through B
+ * says "another device's, over the interconnect", through A "mine" still),
+ * and what B writes lands in A's memory, where the CPU then finds it.
+ */
+TEST_F(peer, peer_read_write)
+{
+	bool coherent = variant->coherent;
+	int a = self->fd[0], b_fd = self->fd[1];
+	struct hmm_dmirror_cmd cmd;
+	struct hmm_buffer b;
+
+	ASSERT_BUFFER_MAP(&b, HMM_ANON, HMM_NPAGES, 0x9e1);
+	ASSERT_DEV_READ(a, HMM_DMIRROR_MIGRATE_TO_DEV, &b, 0x9e1, &cmd);
+	ASSERT_EQ(0, hmm_peer_reset(self->fd, 2));
+
+	ASSERT_DEV_READ(b_fd, HMM_DMIRROR_READ, &b, 0x9e1, &cmd);
+	ASSERT_SNAPSHOT(b_fd, b.ptr, b.npages, b.snap, hmm_peer_remote(coherent))
+		TH_LOG("B's view");
+	ASSERT_SNAPSHOT(a, b.ptr, b.npages, b.snap, hmm_peer_local(coherent))
+		TH_LOG("A's view: B's read moved the pages");
+	ASSERT_EQ(b.npages, hmm_peer_stat(b_fd, interconnect_maps));
+	ASSERT_EQ(0ULL, hmm_peer_stat(a, migrated_to_sys));
+
+	hmm_fill(b.mirror, b.size, 0x9e2);
+	ASSERT_CMD_ALL(b_fd, HMM_DMIRROR_WRITE, b.ptr, b.mirror, b.npages,
+		       &cmd);
+	ASSERT_SNAPSHOT(a, b.ptr, b.npages, b.snap, hmm_peer_local(coherent))
+		TH_LOG("A's view: B's write moved the pages");
+	ASSERT_EQ(-1, hmm_check(b.ptr, b.size, 0x9e2))
+		TH_LOG("the CPU does not see B's write");
+	hmm_buffer_free(&b);
+}
+
+/*
+ * A -> B: MIGRATE_TO_DEV on B of pages in A's memory moves them across in
+ * one copy, a THP as a THP: B counts them as from a peer, A moved none to
+ * system memory and B pulled none from there, so they never were there.
+ */
+static void hmm_peer_migrate(struct __test_metadata *_metadata,
+			     const int *fds, bool coherent,
+			     enum hmm_backing backing, __u32 seed)
+{
+	int a = fds[0], b_fd = fds[1];
+	unsigned char pmd = backing == HMM_THP ? HMM_DMIRROR_PROT_PMD : 0;
+	struct hmm_dmirror_cmd cmd;
+	struct hmm_buffer b;
+
+	if (!hmm_buffer_get(_metadata, &b, backing, HMM_NPAGES, seed))
+		return;
+	ASSERT_DEV_READ(a, HMM_DMIRROR_MIGRATE_TO_DEV, &b, seed, &cmd);
+	ASSERT_SNAPSHOT(a, b.ptr, b.npages, b.snap,
+			hmm_peer_local(coherent) | pmd);
+	ASSERT_EQ(0, hmm_peer_reset(fds, 2));
+
+	ASSERT_DEV_READ(b_fd, HMM_DMIRROR_MIGRATE_TO_DEV, &b, seed, &cmd);
+	ASSERT_SNAPSHOT(b_fd, b.ptr, b.npages, b.snap,
+			hmm_peer_local(coherent) | pmd) TH_LOG("B's memory");
+	ASSERT_SNAPSHOT(a, b.ptr, b.npages, b.snap,
+			hmm_peer_remote(coherent) | pmd) TH_LOG("A's view");
+	EXPECT_EQ(b.npages, hmm_peer_stat(b_fd, migrated_to_dev));
+	EXPECT_EQ(b.npages, hmm_peer_stat(b_fd, migrated_from_peer));
+	EXPECT_EQ(0ULL, hmm_peer_stat(b_fd, migrate_pulled));
+	EXPECT_EQ(0ULL, hmm_peer_stat(a, migrated_to_sys))
+		TH_LOG("the pages went through system memory");
+	ASSERT_EQ(-1, hmm_check(b.ptr, b.size, seed));
+	hmm_buffer_free(&b);
+}
+
+TEST_F(peer, peer_migrate)
+{
+	hmm_peer_migrate(_metadata, self->fd, variant->coherent, HMM_ANON,
+			 0x9e3);
+}
+
+TEST_F(peer, peer_migrate_thp)
+{
+	if (variant->coherent)
+		SKIP(return, "%s", HMM_BUG_COHERENT_THP_TO_SYS);
+	hmm_peer_migrate(_metadata, self->fd, false, HMM_THP, 0x9e4);
+}
+
+/*
+ * A -> other, a device outside A's group: the pages go through system
+ * memory (A migrates them back when the other device's migration faults
+ * them in; two copies), as between devices in no group.
+ */
+TEST_F(peer, peer_migrate_other_group)
+{
+	int a = self->fd[0];
+	struct hmm_dmirror_cmd cmd;
+	struct hmm_buffer b;
+	int fds[2] = { a, self->other };
+
+	if (self->other < 0)
+		SKIP(return, "no device outside the group");
+	ASSERT_BUFFER_MAP(&b, HMM_ANON, HMM_NPAGES, 0x9e5);
+	ASSERT_DEV_READ(a, HMM_DMIRROR_MIGRATE_TO_DEV, &b, 0x9e5, &cmd);
+	ASSERT_EQ(0, hmm_peer_reset(fds, 2));
+
+	ASSERT_DEV_READ(self->other, HMM_DMIRROR_MIGRATE_TO_DEV, &b, 0x9e5,
+			&cmd);
+	ASSERT_SNAPSHOT(self->other, b.ptr, b.npages, b.snap,
+			hmm_peer_local(false));
+	EXPECT_EQ(b.npages, hmm_peer_stat(self->other, migrated_to_dev));
+	EXPECT_EQ(0ULL, hmm_peer_stat(self->other, migrated_from_peer));
+	EXPECT_EQ(b.npages, hmm_peer_stat(self->other, migrate_pulled));
+	EXPECT_EQ(b.npages, hmm_peer_stat(a, migrated_to_sys));
+	ASSERT_EQ(-1, hmm_check(b.ptr, b.size, 0x9e5));
+	hmm_buffer_free(&b);
+}
+
+/*
+ * B maps A's pages; A's migration back to system memory is an
+ * MMU_NOTIFY_MIGRATE whose owner is the group's, B's too: B must drop its
+ * mappings all the same, and read the new data the CPU then writes, never
+ * the old pages.
+ */
+TEST_F(peer, peer_migrate_invalidates)
+{
+	int a = self->fd[0], b_fd = self->fd[1];
+	struct hmm_dmirror_cmd cmd;
+	struct hmm_buffer b;
+
+	ASSERT_BUFFER_MAP(&b, HMM_ANON, HMM_NPAGES, 0x9e6);
+	ASSERT_DEV_READ(a, HMM_DMIRROR_MIGRATE_TO_DEV, &b, 0x9e6, &cmd);
+	ASSERT_EQ(0, hmm_peer_reset(self->fd, 2));
+	ASSERT_DEV_READ(b_fd, HMM_DMIRROR_READ, &b, 0x9e6, &cmd);
+	ASSERT_EQ(b.npages, hmm_peer_stat(b_fd, interconnect_maps));
+
+	ASSERT_CMD_ALL(a, HMM_DMIRROR_MIGRATE_TO_SYS, b.ptr, NULL, b.npages,
+		       &cmd);
+	ASSERT_EQ(b.npages, hmm_peer_stat(b_fd, interconnect_unmaps))
+		TH_LOG("B kept mappings of pages A migrated");
+	hmm_fill(b.ptr, b.size, 0x9e7);
+	ASSERT_DEV_READ(b_fd, HMM_DMIRROR_READ, &b, 0x9e7, &cmd);
+	ASSERT_EQ(1ULL, cmd.faults);
+	ASSERT_SNAPSHOT(b_fd, b.ptr, b.npages, b.snap, HMM_DMIRROR_PROT_WRITE);
+	hmm_buffer_free(&b);
+}
+
+/*
+ * A CPU fault on a page in A's memory that B and C map: A migrates it back
+ * to system memory, and both peers drop their mappings.
+ */
+TEST_F(peer, peer_cpu_fault)
+{
+	int a = self->fd[0];
+	struct hmm_dmirror_cmd cmd;
+	struct hmm_buffer b;
+	int i;
+
+	if (variant->coherent)
+		SKIP(return, "the CPU reads device-coherent memory without a fault");
+	ASSERT_BUFFER_MAP(&b, HMM_ANON, HMM_NPAGES, 0x9e8);
+	ASSERT_DEV_READ(a, HMM_DMIRROR_MIGRATE_TO_DEV, &b, 0x9e8, &cmd);
+	ASSERT_EQ(0, hmm_peer_reset(self->fd, 3));
+	for (i = 1; i < 3; i++)
+		ASSERT_DEV_READ(self->fd[i], HMM_DMIRROR_READ, &b, 0x9e8, &cmd);
+
+	ASSERT_EQ(-1, hmm_check(b.ptr, b.size, 0x9e8));
+	EXPECT_EQ(b.npages, hmm_peer_stat(a, migrated_to_sys));
+	for (i = 1; i < 3; i++) {
+		EXPECT_EQ(b.npages, hmm_peer_stat(self->fd[i], interconnect_unmaps))
+			TH_LOG("device %d kept its mappings", variant->dev[i]);
+		ASSERT_SNAPSHOT(self->fd[i], b.ptr, b.npages, b.snap,
+				HMM_DMIRROR_PROT_WRITE);
+	}
+	hmm_buffer_free(&b);
+}
+
+/*
+ * Exclusive access to pages B maps in A's memory, taken by a third device
+ * of the group (private: C, which makes them move to system memory first)
+ * or by A itself (coherent). The exclusive owner is the device that took
+ * it, not the group: B's mappings go, the taker keeps its own, and B's
+ * next read revokes the taker's atomic access.
+ */
+TEST_F(peer, peer_exclusive)
+{
+	int taker = variant->coherent ? self->fd[0] : self->fd[2];
+	int a = self->fd[0], b_fd = self->fd[1];
+	struct hmm_dmirror_cmd cmd;
+	struct hmm_buffer b;
+
+	ASSERT_BUFFER_MAP(&b, HMM_ANON, HMM_NPAGES, 0x9e9);
+	ASSERT_DEV_READ(a, HMM_DMIRROR_MIGRATE_TO_DEV, &b, 0x9e9, &cmd);
+	ASSERT_EQ(0, hmm_peer_reset(self->fd, 3));
+	ASSERT_DEV_READ(b_fd, HMM_DMIRROR_READ, &b, 0x9e9, &cmd);
+
+	ASSERT_DEV_READ(taker, HMM_DMIRROR_EXCLUSIVE, &b, 0x9e9, &cmd);
+	EXPECT_EQ(b.npages, hmm_peer_stat(b_fd, interconnect_unmaps))
+		TH_LOG("B kept mappings of pages taken for exclusive access");
+	ASSERT_EQ(-EPERM, hmm_check_exclusive(taker, b.ptr, b.mirror,
+					      b.npages))
+		TH_LOG("the taker lost its atomic access");
+
+	ASSERT_DEV_READ(b_fd, HMM_DMIRROR_READ, &b, 0x9e9, &cmd);
+	ASSERT_EQ(1ULL, cmd.faults);
+	ASSERT_EQ(0, hmm_check_exclusive(taker, b.ptr, b.mirror, b.npages))
+		TH_LOG("B's read did not revoke exclusive access");
+	ASSERT_EQ(-1, hmm_check(b.ptr, b.size, 0x9e9));
+	hmm_buffer_free(&b);
+}
+
+/*
+ * HMM_DMIRROR_RELEASE on A evicts its memory, pages B maps included: B
+ * drops them and reads the data from system memory.
+ */
+TEST_F(peer, peer_release)
+{
+	int a = self->fd[0], b_fd = self->fd[1];
+	struct hmm_dmirror_cmd cmd;
+	struct hmm_buffer b;
+
+	ASSERT_BUFFER_MAP(&b, HMM_ANON, HMM_NPAGES, 0x9ea);
+	ASSERT_DEV_READ(a, HMM_DMIRROR_MIGRATE_TO_DEV, &b, 0x9ea, &cmd);
+	ASSERT_EQ(0, hmm_peer_reset(self->fd, 2));
+	ASSERT_DEV_READ(b_fd, HMM_DMIRROR_READ, &b, 0x9ea, &cmd);
+
+	ASSERT_EQ(0, hmm_ioctl(a, HMM_DMIRROR_RELEASE, NULL));
+	EXPECT_EQ(b.npages, hmm_peer_stat(a, migrated_to_sys));
+	EXPECT_EQ(b.npages, hmm_peer_stat(b_fd, interconnect_unmaps));
+	ASSERT_DEV_READ(b_fd, HMM_DMIRROR_READ, &b, 0x9ea, &cmd);
+	ASSERT_SNAPSHOT(b_fd, b.ptr, b.npages, b.snap, HMM_DMIRROR_PROT_WRITE);
+	ASSERT_EQ(-1, hmm_check(b.ptr, b.size, 0x9ea));
+	hmm_buffer_free(&b);
+}
+
+/*
+ * A thread that moves a buffer around: request @req[i] through @fd[i],
+ * one after the other, HMM_PEER_ROUNDS times or, @forever, until the
+ * process dies; it writes a byte to @wake (if >= 0) after its first round.
+ */
+struct hmm_peer_mover {
+	pthread_t	thread;
+	int		fd[2];
+	unsigned long	req[2];
+	bool		forever;
+	int		wake;
+	struct hmm_buffer *b;
+	int		error;		/* the first unexpected errno */
+};
+
+/*
+ * Migrations that race other devices' faults may find a page busy and
+ * leave it where it is (ENOENT); anything else is an error, which ends the
+ * rounds unless they go on forever.
+ */
+static void *hmm_peer_mover_fn(void *arg)
+{
+	struct hmm_peer_mover *m = arg;
+	struct hmm_dmirror_cmd cmd;
+	int i, ret;
+
+	for (i = 0; m->forever || (i < HMM_PEER_ROUNDS && !m->error); i++) {
+		ret = hmm_cmd(m->fd[i & 1], m->req[i & 1], m->b->ptr,
+			      m->b->mirror, m->b->npages, &cmd);
+		if (ret && ret != -ENOENT && !m->error)
+			m->error = -ret;
+		if (!i && m->wake >= 0 && write(m->wake, "x", 1) != 1 &&
+		    !m->error)
+			m->error = errno;
+	}
+	return NULL;
+}
+
+/*
+ * B is opened, reads A's pages over the interconnect and is closed, again
+ * and again, while a thread moves the pages between A's and C's memory
+ * (coherent: between A's memory and system memory): closing a device that
+ * maps a peer's pages while they move leaves nothing behind, and the data
+ * is whole at the end.
+ */
+TEST_F(peer, peer_close_while_migrating)
+{
+	struct hmm_peer_mover m = {
+		.wake = -1,
+		.fd = { self->fd[0], self->fd[2] },
+		.req = { HMM_DMIRROR_MIGRATE_TO_DEV, HMM_DMIRROR_MIGRATE_TO_DEV },
+	};
+	struct hmm_dmirror_cmd cmd;
+	struct hmm_buffer b, rb;
+	int i, fd, ret;
+
+	if (m.fd[1] < 0) {
+		m.fd[1] = self->fd[0];
+		m.req[1] = HMM_DMIRROR_MIGRATE_TO_SYS;
+	}
+	ASSERT_BUFFER_MAP(&b, HMM_ANON, HMM_NPAGES, 0x9eb);
+	ASSERT_BUFFER_MAP(&rb, HMM_ANON, 1, 0);
+	m.b = &b;
+	ASSERT_EQ(0, pthread_create(&m.thread, NULL, hmm_peer_mover_fn, &m));
+	for (i = 0; i < HMM_PEER_ROUNDS; i++) {
+		fd = hmm_open(variant->dev[1]);
+		if (fd < 0)
+			break;
+		ret = hmm_cmd(fd, HMM_DMIRROR_READ, b.ptr, rb.mirror, 1, &cmd);
+		close(fd);
+		if (ret)
+			break;
+	}
+	ASSERT_EQ(0, pthread_join(m.thread, NULL));
+	ASSERT_EQ(HMM_PEER_ROUNDS, i) TH_LOG("round %d: open or READ failed", i);
+	ASSERT_EQ(0, m.error) TH_LOG("migration: %s", strerror(m.error));
+	ASSERT_EQ(-1, hmm_check(b.ptr, b.size, 0x9eb));
+	hmm_buffer_free(&rb);
+	hmm_buffer_free(&b);
+}
+
+/*
+ * A process whose threads move one buffer around a group of eight devices
+ * is killed while they do: its exit tears down eight mirrors of one mm
+ * with migrations in flight, and every device gives all its memory back
+ * (RELEASE finds no page left behind).
+ */
+static void hmm_peer_exit_child(int wake)
+{
+	struct hmm_peer_mover m[HMM_PEER_GROUP_SIZE];
+	struct hmm_buffer b;
+	int i;
+
+	if (hmm_buffer_map(&b, HMM_ANON, HMM_RACE_NPAGES, 0x9ec))
+		_exit(2);
+	for (i = 0; i < HMM_PEER_GROUP_SIZE; i++) {
+		memset(&m[i], 0, sizeof(m[i]));
+		m[i].fd[0] = hmm_open(10 + i);
+		m[i].fd[1] = hmm_open(10 + (i + 1) % HMM_PEER_GROUP_SIZE);
+		m[i].req[0] = HMM_DMIRROR_MIGRATE_TO_DEV;
+		m[i].req[1] = HMM_DMIRROR_MIGRATE_TO_DEV;
+		m[i].forever = true;
+		m[i].wake = wake;
+		m[i].b = &b;
+		if (m[i].fd[0] < 0 || m[i].fd[1] < 0 ||
+		    pthread_create(&m[i].thread, NULL, hmm_peer_mover_fn,
+				   &m[i]))
+			_exit(3);
+	}
+	/* Each mover tells the parent once it has moved the buffer. */
+	for (;;)
+		pause();
+}
+
+TEST_F_TIMEOUT(peer, peer_group_exit, HMM_SLOW_TIMEOUT)
+{
+	int pipefd[2], fds[HMM_PEER_GROUP_SIZE], i, status;
+	bool started;
+	char c;
+	pid_t pid;
+
+	if (variant->coherent)
+		SKIP(return, "a group of %d needs private devices",
+		     HMM_PEER_GROUP_SIZE);
+	for (i = 0; i < HMM_PEER_GROUP_SIZE; i++) {
+		fds[i] = hmm_open(10 + i);
+		ASSERT_LE(0, fds[i]);
+		ASSERT_EQ(hmm_group(self->fd[0]), hmm_group(fds[i]));
+	}
+	ASSERT_EQ(0, pipe(pipefd));
+	pid = hmm_fork();
+	ASSERT_LE(0, pid);
+	if (!pid) {
+		close(pipefd[0]);
+		hmm_peer_exit_child(pipefd[1]);
+	}
+	close(pipefd[1]);
+	/* Kill the child with every mover past its first migration. */
+	for (i = 0; i < HMM_PEER_GROUP_SIZE; i++)
+		if (read(pipefd[0], &c, 1) != 1)
+			break;
+	started = i == HMM_PEER_GROUP_SIZE;
+	close(pipefd[0]);
+	kill(pid, SIGKILL);
+	ASSERT_EQ(pid, hmm_waitpid(pid, &status));
+	ASSERT_TRUE(started && WIFSIGNALED(status) &&
+		    WTERMSIG(status) == SIGKILL)
+		TH_LOG("%d of %d movers started; child status 0x%x", i,
+		       HMM_PEER_GROUP_SIZE, status);
+
+	for (i = 0; i < HMM_PEER_GROUP_SIZE; i++) {
+		EXPECT_EQ(0, hmm_ioctl(fds[i], HMM_DMIRROR_RELEASE, NULL))
+			TH_LOG("device %d kept pages of the dead process",
+			       10 + i);
+		close(fds[i]);
+	}
 }
 
 TEST_HARNESS_MAIN

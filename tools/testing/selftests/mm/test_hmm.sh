@@ -9,6 +9,11 @@
 
 DRIVER=test_hmm
 ksft_skip=4
+# Devices and interconnect groups of the peer tests (hmm-tests.c,
+# FIXTURE(peer)); the coherent devices 2 and 3 exist only with their memory.
+PEER_DEVICES="private_devices=18"
+PEER_GROUPS="10-17;18,19"
+PEER_COHERENT="2,3"
 
 usage()
 {
@@ -26,9 +31,13 @@ Loads $DRIVER, runs hmm-tests and unloads $DRIVER. Must run as root.
   -- <args>        passed to hmm-tests, e.g. "-l" to list the tests or
                    "-r hmm.private0.anon_read" to run one
 
-Extra module parameters can be given as space-separated name=value pairs in
-the TEST_HMM_PARAMS environment variable. NUMA balancing and proactive
-compaction are turned off while the tests run, and restored after.
+The driver is loaded with $PEER_DEVICES and the interconnect groups the peer
+tests need: $PEER_COHERENT (the coherent devices, when they exist) and
+$PEER_GROUPS; devices 0, 1 and 4 to 9 stay alone, as in the kernel's own
+driver. Extra module parameters can be given as space-separated
+name=value pairs in the TEST_HMM_PARAMS environment variable, and override
+these. NUMA balancing and proactive compaction are turned off while the
+tests run, and restored after.
 
 Examples:
   $0
@@ -132,11 +141,12 @@ if [ -d "/sys/module/$DRIVER" ]; then
 	unload_driver
 fi
 
+groups="interconnect=${spm:+$PEER_COHERENT;}$PEER_GROUPS"
 # Word splitting of the parameters is wanted, globbing is not.
 set -f
 # shellcheck disable=SC2086
-modprobe "$DRIVER" $spm $TEST_HMM_PARAMS ||
-	die "could not load $DRIVER with parameters:$spm $TEST_HMM_PARAMS"
+modprobe "$DRIVER" $spm $PEER_DEVICES $groups $TEST_HMM_PARAMS ||
+	die "could not load $DRIVER with parameters:$spm $PEER_DEVICES $groups $TEST_HMM_PARAMS"
 set +f
 trap 'restore_kernel; modprobe -r "$DRIVER"; exit 1' HUP INT TERM
 
