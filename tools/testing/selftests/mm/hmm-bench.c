@@ -15,7 +15,10 @@
  *
  * It first measures migration throughput to device-private memory and back,
  * with 4 KiB pages and with THP, using only the kernel's own ioctls, so that
- * the same program measures the kernel's own test_hmm driver too.
+ * the same program measures the kernel's own test_hmm driver too. Then,
+ * with the interconnect groups test_hmm.sh sets up, migration from one
+ * device's memory to another's: directly within a group (one copy) and
+ * through system memory between groups (two).
  *
  * Usage: hmm-bench [-M] [-l latency_us]... [-r runs]   (root, test_hmm loaded)
  * -M: migration only.
@@ -190,6 +193,13 @@ static char *mig_map(size_t size, int thp, void **raw)
 	return p;
 }
 
+/* MiB/s of moving @size bytes in the median of MIG_RUNS times @us (sorted). */
+static double mig_mibps(size_t size, double *us)
+{
+	qsort(us, MIG_RUNS, sizeof(double), bench_cmp);
+	return size / 1048576.0 / (us[MIG_RUNS / 2] / 1e6);
+}
+
 /*
  * Median MiB/s of moving @size bytes to the device (@out[0]) and back
  * (@out[1]), with THP or with 4 KiB pages.
@@ -222,10 +232,8 @@ static int mig_measure(int fd, size_t size, int thp, double out[2])
 	free(mirror);
 	if (ret)
 		return ret;
-	qsort(to_dev, MIG_RUNS, sizeof(double), bench_cmp);
-	qsort(to_sys, MIG_RUNS, sizeof(double), bench_cmp);
-	out[0] = size / 1048576.0 / (to_dev[MIG_RUNS / 2] / 1e6);
-	out[1] = size / 1048576.0 / (to_sys[MIG_RUNS / 2] / 1e6);
+	out[0] = mig_mibps(size, to_dev);
+	out[1] = mig_mibps(size, to_sys);
 	return 0;
 }
 
@@ -263,6 +271,106 @@ static int mig_table(void)
 	}
 	close(fd);
 	return 0;
+}
+
+/* ------------------------------------------------------------------------
+ * Device-to-device migration
+ */
+
+/* Devices of test_hmm.sh's interconnect groups 10-17 and 18-19. */
+#define PEER_FROM		10
+#define PEER_SAME_GROUP		11
+#define PEER_OTHER_GROUP	18
+#define PEER_SIZE_MB		64
+
+/* The interconnect group of device @id, opened into *@fd; -1 if unknown. */
+static long peer_open(int id, int *fd)
+{
+	struct hmm_dmirror_stats stats;
+	char path[32];
+
+	snprintf(path, sizeof(path), "/dev/hmm_dmirror%d", id);
+	*fd = open(path, O_RDWR | O_CLOEXEC);
+	if (*fd < 0 || ioctl(*fd, HMM_DMIRROR_STATS, &stats))
+		return -1;
+	return stats.interconnect_group;
+}
+
+/*
+ * Median MiB/s of MIGRATE_TO_DEV through @to of @size bytes that are in
+ * @from's memory (put there first, not timed); it includes the read-back.
+ */
+static int peer_measure(int from, int to, size_t size, int thp, double *out)
+{
+	unsigned long npages = size / getpagesize();
+	char *mirror = malloc(size);
+	double t[MIG_RUNS], t0;
+	int i, ret = 0;
+
+	if (!mirror)
+		exit(1);
+	for (i = 0; i < MIG_RUNS && !ret; i++) {
+		void *raw;
+		char *buf = mig_map(size, thp, &raw);
+
+		ret = mig_cmd(from, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
+			      npages);
+		t0 = bench_now_us();
+		if (!ret)
+			ret = mig_cmd(to, HMM_DMIRROR_MIGRATE_TO_DEV, buf,
+				      mirror, npages);
+		t[i] = bench_now_us() - t0;
+		munmap(raw, size + MIG_THP_SIZE);
+	}
+	free(mirror);
+	if (ret)
+		return ret;
+	*out = mig_mibps(size, t);
+	return 0;
+}
+
+/* The device-to-device table, if the groups are there. */
+static int peer_table(void)
+{
+	size_t size = (size_t)PEER_SIZE_MB << 20;
+	int from, same, other, thp, ret = 0;
+	long group, same_group, other_group;
+
+	group = peer_open(PEER_FROM, &from);
+	same_group = peer_open(PEER_SAME_GROUP, &same);
+	other_group = peer_open(PEER_OTHER_GROUP, &other);
+	if (group <= 0 || same_group != group || other_group <= 0 ||
+	    other_group == group) {
+		printf("# device-to-device migration skipped: ");
+		printf("devices %d and %d in one interconnect group, %d in another needed\n",
+		       PEER_FROM, PEER_SAME_GROUP, PEER_OTHER_GROUP);
+		goto out;
+	}
+	printf("# device-to-device migration of %d MiB, MiB/s, ", PEER_SIZE_MB);
+	printf("median of %d runs (includes the read-back)\n", MIG_RUNS);
+	printf("# %6s %14s %14s %14s\n", "pages", "direct", "via system",
+	       "direct/via");
+	for (thp = 0; thp < 2 && !ret; thp++) {
+		double direct, via;
+
+		ret = peer_measure(from, same, size, thp, &direct);
+		if (!ret)
+			ret = peer_measure(from, other, size, thp, &via);
+		if (ret)
+			printf("# %6s migration failed: %s\n",
+			       thp ? "THP" : "4K", strerror(-ret));
+		else
+			printf("# %6s %14.0f %14.0f %14.2f\n",
+			       thp ? "THP" : "4K", direct, via, direct / via);
+	}
+out:
+	if (from >= 0)
+		close(from);
+	if (same >= 0)
+		close(same);
+	if (other >= 0)
+		close(other);
+	return ret ? 1 : 0;
 }
 
 /* One table: every device count at flush latency @latency_us. */
@@ -328,6 +436,8 @@ int main(int argc, char **argv)
 		return 1;
 	if (migration_only)
 		return 0;
+	if (peer_table())
+		return 1;
 
 	/* The kernel's own driver has no invalidation settings. */
 	fd = open("/dev/hmm_dmirror0", O_RDWR | O_CLOEXEC);
