@@ -6350,6 +6350,13 @@ static void hmm_peer_migrate(struct __test_metadata *_metadata,
 	EXPECT_EQ(0ULL, hmm_peer_stat(b_fd, migrate_pulled));
 	EXPECT_EQ(0ULL, hmm_peer_stat(a, migrated_to_sys))
 		TH_LOG("the pages went through system memory");
+
+	/* A's migration back moves A's own pages only: these are B's now. */
+	ASSERT_EQ(0, hmm_cmd(a, HMM_DMIRROR_MIGRATE_TO_SYS, b.ptr, NULL,
+			     b.npages, &cmd));
+	ASSERT_EQ(0ULL, cmd.cpages);
+	ASSERT_SNAPSHOT(b_fd, b.ptr, b.npages, b.snap,
+			hmm_peer_local(coherent) | pmd) TH_LOG("A took B's pages");
 	ASSERT_EQ(-1, hmm_check(b.ptr, b.size, seed));
 	hmm_buffer_free(&b);
 }
