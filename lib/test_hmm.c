@@ -107,7 +107,7 @@
  * when both sides have them. A CPU fault on a device-private page migrates
  * it back through &dev_pagemap_ops.migrate_to_ram; HMM_DMIRROR_RELEASE and
  * module unload evict whole chunks with migrate_device_range(). Device pages
- * refer to their device (the pagemap owner), never to a mirror, so a file
+ * refer to their device (through their chunk), never to a mirror, so a file
  * can be closed while its memory stays on the device.
  */
 

@@ -182,8 +182,8 @@ struct hmm_dmirror_cmd {
  *	in system memory
  * @interconnect_maps: device PTEs installed for a page in the memory of
  *	another device of the group (mapped where it is, not migrated)
- * @interconnect_unmaps: such PTEs cleared again, by an invalidation or
- *	when the file is closed
+ * @interconnect_unmaps: such PTEs an invalidation cleared (a file closed
+ *	drops its page table without counting)
  * @migrated_to_dev: pages moved into the device's memory
  * @migrated_from_peer: of those, pages that came straight from the memory
  *	of another device of the group, in one copy
