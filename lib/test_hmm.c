@@ -15,9 +15,10 @@
  * part using only those above it: the record of invalidations, the emulated
  * TLB-invalidation engine, the device page table, leaves and their
  * notifiers, the debug hold points, the invalidation callbacks, device
- * faults, device memory, the device's accesses (read and write, exclusive,
- * snapshot, migration), statistics and settings, the ioctls, open and
- * release, module setup. A reader following a request starts at the
+ * faults, device memory, the notifiers of one request, snapshot, migration
+ * and eviction, placement advice, the device's accesses (read and write,
+ * exclusive, migration requests), statistics and settings, the ioctls,
+ * open and release, module setup. A reader following a request starts at the
  * bottom, with dmirror_fops_open() and dmirror_fops_unlocked_ioctl(); the
  * shortest correct sequences are in the Examples.
  *
@@ -102,6 +103,17 @@
  * folios. The CPU cannot address device-private memory, so each such page
  * has an order-0 system page standing in for its storage.
  *
+ * Placement. A device that decides for itself where memory goes follows
+ * per-range advice (HMM_DMIRROR_ADVISE, kept per mirror in an interval
+ * tree and dropped when the range is unmapped): on a device fault it
+ * migrates the faulting granule (4 KiB or 2 MiB) to the preferred location
+ * before mapping it, or maps the memory where it is. Device memory can be
+ * capped (memory_limit_mb); a migration that finds none free evicts the
+ * least recently used 2 MiB block of the device's memory, whoever maps it,
+ * with migrate_device_range(), never what it brought in itself. A timeslice
+ * keeps migrated pages on the device for a while before a CPU fault takes
+ * them back, as drm_pagemap does against thrashing.
+ *
  * Migration. HMM_DMIRROR_MIGRATE_TO_DEV and _TO_SYS move memory with
  * migrate_vma_setup() / _pages() / _finalize(), large folios as large folios
  * when both sides have them. A CPU fault on a device-private page migrates
@@ -159,8 +171,14 @@
  * taken from invalidation callbacks, alone: nothing else is locked under it.
  *
  * &dmirror_device.chunk_lock (a mutex) serialises adding and evicting chunks
- * of device memory; &dmirror_device.mem_lock (a spinlock, irq-safe where a
- * folio is freed) protects the chunk list and the allocation bitmaps.
+ * of device memory, and evicting blocks to make room (dmirror_make_room());
+ * &dmirror_device.mem_lock (a spinlock, irq-safe where a folio is freed)
+ * protects the chunk list and the allocation bitmaps.
+ *
+ * &dmirror.advice_mutex serialises HMM_DMIRROR_ADVISE, which inserts the
+ * advice watch; &dmirror.advice_lock (a spinlock) protects the advice tree
+ * and is taken, alone, in the watch's callback, which may not sleep: a
+ * range an unmap cuts in two takes a node set aside beforehand.
  *
  * Lock order, as the code nests them:
  *
@@ -171,7 +189,11 @@
  *   returned locked. dmirror_reap_work() takes pt_lock inside leaf_lock.
  * - leaf_lock -> device lock (dmirror_bind()).
  * - mmap_lock -> folio lock -> chunk_lock -> mem_lock: device memory is
- *   allocated in the middle of a migration.
+ *   allocated in the middle of a migration. Making room evicts other
+ *   device memory there, under chunk_lock: its folios are only trylocked
+ *   (migrate_device_range()), and the invalidations it causes take pt_lock
+ *   inside chunk_lock.
+ * - advice_mutex -> mmap_lock: inserting the advice watch.
  *
  * pt_lock, the device lock and dmirror_log_lock never nest in one another:
  * an invalidation callback takes them one after the other.
@@ -305,6 +327,7 @@
 #include <linux/huge_mm.h>
 #include <linux/ioport.h>
 #include <linux/init.h>
+#include <linux/interval_tree.h>
 #include <linux/kernel.h>
 #include <linux/kref.h>
 #include <linux/llist.h>
@@ -349,6 +372,9 @@
 /* Device memory: private chunks are added on demand, up to the limit. */
 #define DMIRROR_CHUNK_SIZE		SZ_64M
 #define DMIRROR_COHERENT_SIZE		SZ_256M
+/* Device memory is evicted, and its timeslice kept, in blocks of this size. */
+#define DMIRROR_BLOCK_SIZE		SZ_2M
+#define DMIRROR_BLOCK_PAGES		(DMIRROR_BLOCK_SIZE >> PAGE_SHIFT)
 
 /* The largest mmap() of a device: its pages are allocated up front. */
 #define DMIRROR_MMAP_MAX_SIZE		SZ_64M
@@ -553,6 +579,8 @@ static struct dmirror_group *dmirror_groups;
  * @mem_lock: protects @chunks and the chunks' allocation state
  * @chunks: &struct dmirror_chunk of the device's memory; changed under both
  *	chunk_lock and mem_lock, so either is enough to read it
+ * @nr_used: pages allocated in all chunks; under mem_lock
+ * @lru_clock: advanced each time device memory is used, for eviction
  *
  * @owner is what the device passes as &hmm_range.dev_private_owner and
  * &migrate_vma.pgmap_owner, so that it recognises memory it may map and
@@ -581,6 +609,8 @@ struct dmirror_device {
 	struct mutex chunk_lock;	/* adding and removing chunks */
 	spinlock_t mem_lock;		/* chunk list and allocation state */
 	struct list_head chunks;
+	unsigned long nr_used;
+	atomic64_t lru_clock;
 };
 
 /**
@@ -593,6 +623,11 @@ struct dmirror_device {
  * @evicting: no allocation from this chunk; under mem_lock
  * @backing: device-private only, the system page that stands in for the
  *	device storage of each device page; NULL while the page is free
+ * @block_used: for each block of %DMIRROR_BLOCK_SIZE, the device's
+ *	&dmirror_device.lru_clock when a page of it was last migrated in or
+ *	mapped by a device fault; written without a lock, as a hint
+ * @block_until: for each block, the jiffies until which a CPU fault may
+ *	not take its pages back (&hmm_dmirror_settings.timeslice_ms)
  * @res: device-private only, the physical address region taken; it may be
  *	larger than the chunk (request_free_mem_region() rounds up to a
  *	memory section)
@@ -609,12 +644,48 @@ struct dmirror_chunk {
 	unsigned long nr_used;
 	bool evicting;
 	struct page **backing;
+	u64 *block_used;
+	unsigned long *block_until;
 	struct resource *res;
 };
 
 static struct dmirror_chunk *dmirror_page_chunk(struct page *page)
 {
 	return container_of(page_pgmap(page), struct dmirror_chunk, pagemap);
+}
+
+static unsigned long dmirror_chunk_first_pfn(const struct dmirror_chunk *chunk)
+{
+	return PHYS_PFN(chunk->pagemap.range.start);
+}
+
+static unsigned long dmirror_chunk_npages(const struct dmirror_chunk *chunk)
+{
+	return PHYS_PFN(range_len(&chunk->pagemap.range));
+}
+
+/* Index of the device page @pfn in the chunk's bitmap and backing array. */
+static unsigned long dmirror_chunk_index(const struct dmirror_chunk *chunk,
+					 unsigned long pfn)
+{
+	return pfn - dmirror_chunk_first_pfn(chunk);
+}
+
+/* Index of the block holding the device page @pfn. */
+static unsigned long dmirror_chunk_block(const struct dmirror_chunk *chunk,
+					 unsigned long pfn)
+{
+	return dmirror_chunk_index(chunk, pfn) / DMIRROR_BLOCK_PAGES;
+}
+
+/*
+ * The block of the device page @pfn has been used: eviction takes the
+ * block least recently used first.
+ */
+static void dmirror_block_touch(struct dmirror_chunk *chunk, unsigned long pfn)
+{
+	WRITE_ONCE(chunk->block_used[dmirror_chunk_block(chunk, pfn)],
+		   atomic64_inc_return(&chunk->mdevice->lru_clock));
 }
 
 /**
@@ -658,6 +729,7 @@ static atomic_t dmirror_flushes_in_flight = ATOMIC_INIT(0);
 static atomic_t dmirror_flushes_in_flight_max = ATOMIC_INIT(0);
 
 struct dmirror;
+struct dmirror_advice;
 struct dmirror_leaf;
 
 /**
@@ -717,6 +789,13 @@ struct dmirror_leaf {
  * @reap_work: removes them with their notifiers
  * @flags: HMM_DMIRROR_FLAG_* set with HMM_DMIRROR_FLAGS; bit 0 is taken
  *	with test_and_clear_bit()
+ * @advice_mutex: serialises HMM_DMIRROR_ADVISE, which inserts @advice_watch
+ * @advice_lock: protects @advice and @advice_spare; taken in @advice_watch's
+ *	callback
+ * @advice: &struct dmirror_advice by range (an interval tree)
+ * @advice_spare: a node for the callback to split a range with
+ * @advice_watch: drops the advice of unmapped ranges
+ * @advice_watching: @advice_watch is inserted; under advice_mutex
  */
 struct dmirror {
 	struct dmirror_device *mdevice;
@@ -735,6 +814,13 @@ struct dmirror {
 	struct llist_head reap_list;
 	struct work_struct reap_work;
 	unsigned long flags;
+
+	struct mutex advice_mutex;	/* ADVISE, inserting the watch */
+	spinlock_t advice_lock;		/* the advice tree */
+	struct rb_root_cached advice;
+	struct dmirror_advice *advice_spare;
+	struct mmu_interval_notifier advice_watch;
+	bool advice_watching;
 };
 
 /**
@@ -746,6 +832,29 @@ struct dmirror_range {
 	unsigned long start;
 	unsigned long end;
 };
+
+/**
+ * dmirror_user_range() - validate a range given by user space
+ * @addr: start
+ * @npages: size in pages
+ * @range: output
+ *
+ * Return: 0, or -EINVAL for an empty, unaligned or wrapping range or one
+ * that does not fit in a user address space.
+ */
+static int dmirror_user_range(u64 addr, u64 npages,
+			      struct dmirror_range *range)
+{
+	if (!npages || !PAGE_ALIGNED(addr))
+		return -EINVAL;
+	if (npages > (TASK_SIZE_MAX >> PAGE_SHIFT))
+		return -EINVAL;
+	range->start = addr;
+	range->end = addr + (npages << PAGE_SHIFT);
+	if (range->end <= range->start || range->end > TASK_SIZE_MAX)
+		return -EINVAL;
+	return 0;
+}
 
 /* ------------------------------------------------------------------------
  * The record of invalidations
@@ -2001,6 +2110,8 @@ static u64 dmirror_pte_flags(struct dmirror_device *mdevice, struct page *page,
 
 	WARN_ON_ONCE(is_device_private_page(page) &&
 		     !dmirror_page_owned(mdevice, page));
+	if (dmirror_page_local(mdevice, page))
+		dmirror_block_touch(dmirror_page_chunk(page), page_to_pfn(page));
 	if (dmirror_page_of_peer(mdevice, page)) {
 		flags |= DMIRROR_PTE_PEER;
 		atomic64_inc(dmirror_stat(mdevice, interconnect_maps));
@@ -2281,23 +2392,6 @@ static int dmirror_fault(struct dmirror *dmirror, unsigned long start,
 
 static const struct dev_pagemap_ops dmirror_devmem_ops;
 
-static unsigned long dmirror_chunk_first_pfn(const struct dmirror_chunk *chunk)
-{
-	return PHYS_PFN(chunk->pagemap.range.start);
-}
-
-static unsigned long dmirror_chunk_npages(const struct dmirror_chunk *chunk)
-{
-	return PHYS_PFN(range_len(&chunk->pagemap.range));
-}
-
-/* Index of the device page @pfn in the chunk's bitmap and backing array. */
-static unsigned long dmirror_chunk_index(const struct dmirror_chunk *chunk,
-					 unsigned long pfn)
-{
-	return pfn - dmirror_chunk_first_pfn(chunk);
-}
-
 static bool dmirror_is_private(const struct dmirror_device *mdevice)
 {
 	return mdevice->mem_type == HMM_DMIRROR_MEMORY_DEVICE_PRIVATE;
@@ -2323,8 +2417,29 @@ static struct page *dmirror_page_storage(struct page *page)
 static void dmirror_chunk_free(struct dmirror_chunk *chunk)
 {
 	kvfree(chunk->backing);
+	kfree(chunk->block_until);
+	kfree(chunk->block_used);
 	bitmap_free(chunk->used);
 	kfree(chunk);
+}
+
+/* The device memory limit of the settings, in pages; 0 for none. */
+static unsigned long dmirror_devmem_limit(struct dmirror_device *mdevice)
+{
+	return (unsigned long)READ_ONCE(mdevice->settings.memory_limit_mb) <<
+	       (20 - PAGE_SHIFT);
+}
+
+/*
+ * Would @nr more pages take the device over its limit? Context: mem_lock
+ * held, or chunk_lock for a decision that mem_lock will check again.
+ */
+static bool dmirror_devmem_full(struct dmirror_device *mdevice,
+				unsigned long nr)
+{
+	unsigned long limit = dmirror_devmem_limit(mdevice);
+
+	return limit && READ_ONCE(mdevice->nr_used) + nr > limit;
 }
 
 /**
@@ -2351,7 +2466,8 @@ static int dmirror_chunk_add(struct dmirror_device *mdevice)
 	int ret = -ENOMEM;
 
 	lockdep_assert_held(&mdevice->chunk_lock);
-	if (list_count_nodes(&mdevice->chunks) >= max)
+	if (list_count_nodes(&mdevice->chunks) >= max ||
+	    dmirror_devmem_full(mdevice, 1))
 		return -ENOSPC;
 	if (dmirror_inject_failure())
 		return -ENOMEM;
@@ -2361,7 +2477,11 @@ static int dmirror_chunk_add(struct dmirror_device *mdevice)
 		return -ENOMEM;
 	chunk->mdevice = mdevice;
 	chunk->used = bitmap_zalloc(npages, GFP_KERNEL);
-	if (!chunk->used)
+	chunk->block_used = kcalloc(npages / DMIRROR_BLOCK_PAGES,
+				    sizeof(*chunk->block_used), GFP_KERNEL);
+	chunk->block_until = kcalloc(npages / DMIRROR_BLOCK_PAGES,
+				     sizeof(*chunk->block_until), GFP_KERNEL);
+	if (!chunk->used || !chunk->block_used || !chunk->block_until)
 		goto free;
 
 	if (dmirror_is_private(mdevice)) {
@@ -2414,22 +2534,25 @@ free:
  * @order: 0 or the PMD order
  *
  * Context: mem_lock held.
- * Return: the first pfn, or 0 if the chunk has no room.
+ * Return: the first pfn, or 0 if the chunk has no room or the device is at
+ * its memory limit.
  */
 static unsigned long dmirror_chunk_take(struct dmirror_chunk *chunk,
 					unsigned int order)
 {
+	struct dmirror_device *mdevice = chunk->mdevice;
 	unsigned long npages = dmirror_chunk_npages(chunk);
 	unsigned long nr = 1UL << order, idx;
 
-	lockdep_assert_held(&chunk->mdevice->mem_lock);
-	if (chunk->evicting)
+	lockdep_assert_held(&mdevice->mem_lock);
+	if (chunk->evicting || dmirror_devmem_full(mdevice, nr))
 		return 0;
 	idx = bitmap_find_next_zero_area(chunk->used, npages, 0, nr, nr - 1);
 	if (idx >= npages)
 		return 0;
 	bitmap_set(chunk->used, idx, nr);
 	chunk->nr_used += nr;
+	WRITE_ONCE(mdevice->nr_used, mdevice->nr_used + nr);
 	return dmirror_chunk_first_pfn(chunk) + idx;
 }
 
@@ -2462,6 +2585,7 @@ static void dmirror_devmem_give(struct dmirror_chunk *chunk,
 	spin_lock_irqsave(&mdevice->mem_lock, flags);
 	bitmap_clear(chunk->used, dmirror_chunk_index(chunk, pfn), 1UL << order);
 	chunk->nr_used -= 1UL << order;
+	WRITE_ONCE(mdevice->nr_used, mdevice->nr_used - (1UL << order));
 	spin_unlock_irqrestore(&mdevice->mem_lock, flags);
 }
 
@@ -2526,6 +2650,8 @@ static void dmirror_backing_free(struct dmirror_chunk *chunk,
  * @order: 0 or the PMD order
  *
  * Adds a chunk when every chunk is full, up to the device's size limit.
+ * The new folio is for a migration into device memory: its block counts as
+ * just used and starts its timeslice.
  *
  * Return: the folio, locked and referenced as migrate_vma_pages() wants its
  * destinations, or NULL when the device is out of memory.
@@ -2552,6 +2678,9 @@ static struct folio *dmirror_devmem_alloc(struct dmirror_device *mdevice,
 		dmirror_devmem_give(chunk, pfn, order);
 		return NULL;
 	}
+	dmirror_block_touch(chunk, pfn);
+	WRITE_ONCE(chunk->block_until[dmirror_chunk_block(chunk, pfn)],
+		   jiffies + msecs_to_jiffies(READ_ONCE(mdevice->settings.timeslice_ms)));
 	page = pfn_to_page(pfn);
 	zone_device_page_init(page, &chunk->pagemap, order);
 	if (order)
@@ -2591,147 +2720,7 @@ static void dmirror_devmem_folio_split(struct folio *head, struct folio *tail)
 }
 
 /* ------------------------------------------------------------------------
- * Device access: READ, WRITE, READ_UNLOCKED
- */
-
-/**
- * dmirror_copy_mapped() - device access through the device page table
- * @dmirror: mirror
- * @start: first address
- * @end: end address
- * @bounce: kernel buffer holding the data of [@start, @end)
- * @write: copy @bounce to memory rather than memory to @bounce
- *
- * Stops at the first page the device cannot access without a fault.
- *
- * Context: pt_lock held, which keeps the mapped pages from being freed.
- * Return: the number of pages copied.
- */
-static unsigned long dmirror_copy_mapped(struct dmirror *dmirror,
-					 unsigned long start, unsigned long end,
-					 char *bounce, bool write)
-{
-	unsigned long addr;
-
-	lockdep_assert_held(&dmirror->pt_lock);
-	for (addr = start; addr < end; addr += PAGE_SIZE, bounce += PAGE_SIZE) {
-		u64 pte = dmirror_pte_get(dmirror, addr);
-		struct page *mapped, *page;
-
-		if (!(pte & DMIRROR_PTE_VALID))
-			break;
-		if (write && !(pte & DMIRROR_PTE_WRITE))
-			break;
-		mapped = pfn_to_page(pte >> DMIRROR_PTE_PFN_SHIFT);
-		page = dmirror_page_storage(mapped);
-		if (!write) {
-			memcpy_from_page(bounce, page, 0, PAGE_SIZE);
-			continue;
-		}
-		memcpy_to_page(page, 0, bounce, PAGE_SIZE);
-		/* As a CPU store would, so that reclaim keeps the data. */
-		if (page == mapped)
-			folio_mark_dirty(page_folio(page));
-	}
-	return (addr - start) >> PAGE_SHIFT;
-}
-
-/**
- * dmirror_access_batch() - device read or write of one batch
- * @dmirror: mirror
- * @start: first address of the batch
- * @end: end of the batch
- * @req_end: end of the whole request, the device fault prefetch window
- * @bounce: data of the batch
- * @write: direction
- * @unlocked: see &struct dmirror_fault_batch
- * @faults: incremented for every device fault taken
- *
- * Return: 0 or the error of dmirror_fault().
- */
-static int dmirror_access_batch(struct dmirror *dmirror, unsigned long start,
-				unsigned long end, unsigned long req_end,
-				char *bounce, bool write, bool unlocked,
-				u64 *faults)
-{
-	unsigned long addr = start;
-	int ret;
-
-	for (;;) {
-		unsigned long done;
-
-		mutex_lock(&dmirror->pt_lock);
-		done = dmirror_copy_mapped(dmirror, addr, end,
-					   bounce + (addr - start), write);
-		mutex_unlock(&dmirror->pt_lock);
-		addr += done << PAGE_SHIFT;
-		if (addr == end)
-			return 0;
-
-		if (fatal_signal_pending(current))
-			return -EINTR;
-		ret = dmirror_fault(dmirror, addr, req_end, write, unlocked);
-		if (ret)
-			return ret;
-		(*faults)++;
-	}
-}
-
-/**
- * dmirror_access() - HMM_DMIRROR_READ, _WRITE and _READ_UNLOCKED
- * @dmirror: mirror
- * @cmd: the request
- * @range: the range of @cmd
- * @write: direction
- * @unlocked: see &struct dmirror_fault_batch
- *
- * Data moves through a bounded bounce buffer one batch at a time, because
- * user memory cannot be touched under pt_lock.
- *
- * Return: 0, -EFAULT when @cmd->ptr cannot be accessed, or an error of
- * dmirror_fault().
- */
-static int dmirror_access(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
-			  const struct dmirror_range *range, bool write,
-			  bool unlocked)
-{
-	char __user *uptr = u64_to_user_ptr(cmd->ptr);
-	unsigned long addr, next;
-	char *bounce;
-	int ret = 0;
-
-	bounce = dmirror_inject_failure() ? NULL :
-		 kvmalloc(DMIRROR_BATCH_PAGES * PAGE_SIZE, GFP_KERNEL);
-	if (!bounce)
-		return -ENOMEM;
-
-	for (addr = range->start; addr < range->end; addr = next) {
-		unsigned long len;
-
-		next = dmirror_batch_end(addr, range->end);
-		len = next - addr;
-		if (write && copy_from_user(bounce, uptr, len)) {
-			ret = -EFAULT;
-			break;
-		}
-		ret = dmirror_access_batch(dmirror, addr, next, range->end,
-					   bounce, write, unlocked,
-					   &cmd->faults);
-		if (ret)
-			break;
-		if (!write && copy_to_user(uptr, bounce, len)) {
-			ret = -EFAULT;
-			break;
-		}
-		uptr += len;
-		cmd->cpages += len >> PAGE_SHIFT;
-	}
-	kvfree(bounce);
-	return ret;
-}
-
-/* ------------------------------------------------------------------------
- * Exclusive (atomic) access
+ * Watches: notifiers of one request
  */
 
 /**
@@ -2741,7 +2730,8 @@ static int dmirror_access(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
  *
  * Used where the device needs a collision-retry window over a range without
  * mapping it through the mirror's notifiers: a snapshot, which maps nothing,
- * and exclusive access to a range, which must not retry because of
+ * the pull of a migration (dmirror_migrate_pull()), which only faults, and
+ * exclusive access to a range, which must not retry because of
  * invalidations elsewhere in the leaf.
  */
 struct dmirror_watch {
@@ -2793,194 +2783,6 @@ static void dmirror_watch_remove(struct dmirror_watch *watch)
 {
 	lockdep_assert_not_held(&watch->dmirror->pt_lock);
 	mmu_interval_notifier_remove(&watch->mni);
-}
-
-/**
- * dmirror_exclusive_give_back() - return an unused exclusive page to the CPU
- * @mm: mirrored mm
- * @addr: page address
- *
- * When an invalidation collided with an attempt at exclusive access, the page is
- * left with a device-exclusive CPU entry the device never mapped. The next
- * make_device_exclusive() would fault it back first, an MMU_NOTIFY_CLEAR
- * inside the new read window: a collision again, and so forever. Faulting it
- * back here, before the window opens, breaks that cycle.
- *
- * Return: 0 or the error of the fault.
- */
-static int dmirror_exclusive_give_back(struct mm_struct *mm,
-				       unsigned long addr)
-{
-	int ret;
-
-	ret = mmap_read_lock_killable(mm);
-	if (ret)
-		return ret;
-	ret = fixup_user_fault(mm, addr, FAULT_FLAG_WRITE, NULL);
-	mmap_read_unlock(mm);
-	return ret;
-}
-
-/**
- * dmirror_exclusive_try() - one attempt at making a page exclusive
- * @dmirror: mirror
- * @leaf: leaf covering @addr, referenced
- * @watch: notifier over the request's range
- * @addr: page address
- * @installed: output, true if the atomic PTE was installed
- *
- * make_device_exclusive() returns the page locked, so the CPU cannot take it
- * back before the device PTE is written. The collision check still applies:
- * the page may have been unmapped between the GUP inside
- * make_device_exclusive() and pt_lock. It uses @watch rather than the leaf's
- * notifier: only invalidations of the request's range matter, and with
- * other threads busy in the leaf the page would otherwise keep retrying.
- *
- * Return: 0 or the error of make_device_exclusive().
- */
-static int dmirror_exclusive_try(struct dmirror *dmirror,
-				 struct dmirror_leaf *leaf,
-				 struct dmirror_watch *watch,
-				 unsigned long addr, bool *installed)
-{
-	struct mmu_interval_notifier *mni = &watch->mni;
-	struct mm_struct *mm = dmirror->mm;
-	struct folio *folio;
-	struct page *page;
-	unsigned long seq;
-	int ret;
-
-	seq = mmu_interval_read_begin(mni);
-	ret = mmap_read_lock_killable(mm);
-	if (ret)
-		return ret;
-	page = make_device_exclusive(mm, addr, dmirror->mdevice, &folio);
-	if (IS_ERR(page)) {
-		mmap_read_unlock(mm);
-		return PTR_ERR(page);
-	}
-
-	mutex_lock(&dmirror->pt_lock);
-	*installed = !leaf->dead && !mmu_interval_read_retry(mni, seq);
-	if (*installed)
-		dmirror_pte_set(dmirror, leaf, addr,
-				dmirror_pte_make(page_to_pfn(page),
-						 DMIRROR_PTE_WRITE |
-						 DMIRROR_PTE_ATOMIC));
-	mutex_unlock(&dmirror->pt_lock);
-
-	folio_unlock(folio);
-	folio_put(folio);
-	mmap_read_unlock(mm);
-	return 0;
-}
-
-/**
- * struct dmirror_exclusive_req - a page to take for atomic device access
- * @dmirror: mirror
- * @watch: notifier over the request's range
- * @addr: page address
- */
-struct dmirror_exclusive_req {
-	struct dmirror *dmirror;
-	struct dmirror_watch *watch;
-	unsigned long addr;
-};
-
-/**
- * dmirror_exclusive_pass() - one attempt at taking a page for atomic access
- * @arg: the &struct dmirror_exclusive_req
- *
- * After a collision the page is given back to the CPU before the next
- * attempt (dmirror_exclusive_give_back()).
- *
- * Return: 0; -EAGAIN after a collision; -EOPNOTSUPP for file-backed or
- * hugetlb memory; -EFAULT when the page cannot be faulted in writable;
- * -EINTR, -ENOMEM.
- */
-static int dmirror_exclusive_pass(void *arg)
-{
-	struct dmirror_exclusive_req *req = arg;
-	struct dmirror *dmirror = req->dmirror;
-	struct dmirror_leaf *leaf;
-	bool installed = false;
-	int ret;
-
-	leaf = dmirror_leaf_get(dmirror, req->addr);
-	if (IS_ERR(leaf))
-		return PTR_ERR(leaf);
-	ret = dmirror_exclusive_try(dmirror, leaf, req->watch, req->addr,
-				    &installed);
-	dmirror_leaf_put(leaf);
-	if (ret || installed)
-		return ret;
-	ret = dmirror_exclusive_give_back(dmirror->mm, req->addr);
-	return ret ?: -EAGAIN;
-}
-
-/**
- * dmirror_exclusive() - HMM_DMIRROR_EXCLUSIVE
- * @dmirror: mirror
- * @cmd: the request; the data of the range is copied to @cmd->ptr
- * @range: the range of @cmd
- *
- * One watch notifier serves the whole request: inserting and removing one
- * per page would cost more than the pages, and mmu_interval_notifier_remove()
- * waits until no invalidation of the mm is running, which, with other
- * threads busy invalidating their own pages, can take long.
- *
- * Return: 0, an error of dmirror_exclusive_pass() or dmirror_access(), or
- * -EBUSY if invalidations kept colliding.
- */
-static int dmirror_exclusive(struct dmirror *dmirror,
-			     struct hmm_dmirror_cmd *cmd,
-			     const struct dmirror_range *range)
-{
-	struct dmirror_watch watch;
-	struct dmirror_exclusive_req req = {
-		.dmirror = dmirror,
-		.watch = &watch,
-	};
-	int ret;
-
-	ret = dmirror_watch_insert(&watch, dmirror, range->start, range->end);
-	if (ret)
-		return ret;
-	for (req.addr = range->start; !ret && req.addr < range->end;
-	     req.addr += PAGE_SIZE)
-		ret = dmirror_retry_collisions(dmirror_exclusive_pass, &req,
-					       dmirror_stat(dmirror->mdevice,
-							    exclusive_retries));
-	dmirror_watch_remove(&watch);
-	if (ret)
-		return ret;
-	/* Read the data back through the atomic mappings. */
-	return dmirror_access(dmirror, cmd, range, false, false);
-}
-
-/**
- * dmirror_check_exclusive() - HMM_DMIRROR_CHECK_EXCLUSIVE
- * @dmirror: mirror
- * @range: range to check
- *
- * Return: -EPERM if a page of the range is still mapped for atomic access,
- * that is if the CPU has not taken it back since, else 0.
- */
-static int dmirror_check_exclusive(struct dmirror *dmirror,
-				   const struct dmirror_range *range)
-{
-	unsigned long addr;
-	int ret = 0;
-
-	mutex_lock(&dmirror->pt_lock);
-	for (addr = range->start; addr < range->end; addr += PAGE_SIZE) {
-		if (dmirror_pte_get(dmirror, addr) & DMIRROR_PTE_ATOMIC) {
-			ret = -EPERM;
-			break;
-		}
-	}
-	mutex_unlock(&dmirror->pt_lock);
-	return ret;
 }
 
 /* ------------------------------------------------------------------------
@@ -3225,76 +3027,6 @@ static void dmirror_dst_undo(unsigned long *dst, unsigned long n)
 }
 
 /**
- * dmirror_migrate_alloc_to_dev() - fill the destinations of a migration
- * @dmirror: mirror asking, for the one-shot allocation failure flag
- * @args: migrate_vma_setup() output
- *
- * A large source gets a large device folio when the device has one, else
- * 4 KiB device pages (migrate_vma_pages() then splits the source). A source
- * that finds no device memory stays where it is. An empty source (a hole or
- * the zero page) becomes zeroed device memory. On an interconnect the
- * sources include the device's own pages, which stay, and its peers' pages,
- * which are copied across directly.
- *
- * Return: true if the device ran out of memory for a page.
- */
-static bool dmirror_migrate_alloc_to_dev(struct dmirror *dmirror,
-					 struct migrate_vma *args)
-{
-	struct dmirror_device *mdevice = dmirror->mdevice;
-	unsigned long i = 0, j, nr;
-	bool out_of_memory = false;
-
-	while (i < args->npages) {
-		unsigned long src = args->src[i];
-		struct page *spage = migrate_pfn_to_page(src);
-		unsigned long write = src & MIGRATE_PFN_WRITE;
-		struct folio *dfolio = NULL;
-
-		nr = 1;
-		if (dmirror_want_large(src))
-			nr = spage ? folio_nr_pages(page_folio(spage)) :
-				     HPAGE_PMD_NR;
-		if (!(src & MIGRATE_PFN_MIGRATE) ||
-		    (spage && dmirror_page_local(mdevice, spage)) ||
-		    dmirror_coherent_thp(spage, nr)) {
-			i += nr;
-			continue;
-		}
-		if (nr > 1 && !dmirror_fail_alloc(dmirror))
-			dfolio = dmirror_devmem_alloc(mdevice, ilog2(nr));
-		if (dfolio) {
-			args->dst[i] = migrate_pfn(folio_pfn(dfolio)) | write |
-				       MIGRATE_PFN_COMPOUND;
-			for (j = 0; j < nr; j++)
-				dmirror_copy_in(folio_page(dfolio, j),
-						spage ? spage + j : NULL);
-			i += nr;
-			continue;
-		}
-		/* One page at a time: a large source is split. */
-		for (j = 0; j < nr && i + j < args->npages; j++) {
-			dfolio = dmirror_devmem_alloc(mdevice, 0);
-			if (!dfolio)
-				break;
-			args->dst[i + j] = migrate_pfn(folio_pfn(dfolio)) |
-					   write;
-			dmirror_copy_in(&dfolio->page, spage ? spage + j : NULL);
-		}
-		/*
-		 * An empty large range is filled whole or not at all:
-		 * migrate_vma_pages() inserts every page of it and does not
-		 * expect an empty destination among them.
-		 */
-		if (j < nr && !spage && nr > 1)
-			dmirror_dst_undo(&args->dst[i], j);
-		out_of_memory |= j < nr;
-		i += nr;
-	}
-	return out_of_memory;
-}
-
-/**
  * dmirror_migrate_alloc_to_sys() - fill the destinations of a migration back
  * @args: migrate_vma_setup() or migrate_device_range() output
  * @vma: VMA for NUMA placement, NULL when evicting without one
@@ -3433,6 +3165,257 @@ static unsigned long dmirror_migrate_select(struct dmirror_device *mdevice,
 }
 
 /**
+ * struct dmirror_migration - a migration of a range, batch by batch
+ * @dmirror: mirror asking
+ * @args: the batch; its arrays are allocated with the migration
+ * @req: to the device: the pages of the batch to fault into system memory
+ *	before running it again (dmirror_uncollected()); else NULL
+ * @to_dev: direction
+ * @evict_before: to the device: device memory last used before this
+ *	&dmirror_device.lru_clock value may be evicted to make room; 0 for none
+ * @out_of_memory: the device ran out of memory for a page
+ * @moved: pages migrated
+ */
+struct dmirror_migration {
+	struct dmirror *dmirror;
+	struct migrate_vma args;
+	unsigned long *req;
+	bool to_dev;
+	u64 evict_before;
+	bool out_of_memory;
+	unsigned long moved;
+};
+
+/**
+ * dmirror_migration_init() - prepare a migration
+ * @mig: the migration
+ * @dmirror: mirror asking
+ * @to_dev: direction
+ * @evict: to the device, evict older device memory when none is free
+ *
+ * Memory the migration brings in itself is never evicted to make room for
+ * the rest of it: only memory last used before it started is.
+ *
+ * Return: 0 or -ENOMEM.
+ */
+static int dmirror_migration_init(struct dmirror_migration *mig,
+				  struct dmirror *dmirror, bool to_dev,
+				  bool evict)
+{
+	unsigned long *pfns;
+
+	memset(mig, 0, sizeof(*mig));
+	pfns = dmirror_inject_failure() ? NULL :
+	       kvcalloc(3 * HPAGE_PMD_NR, sizeof(*pfns), GFP_KERNEL);
+	if (!pfns)
+		return -ENOMEM;
+	mig->dmirror = dmirror;
+	mig->to_dev = to_dev;
+	mig->args.flags = dmirror_migrate_select(dmirror->mdevice, to_dev);
+	mig->args.src = pfns;
+	mig->args.dst = pfns + HPAGE_PMD_NR;
+	if (to_dev)
+		mig->req = pfns + 2 * HPAGE_PMD_NR;
+	if (to_dev && evict)
+		mig->evict_before =
+			atomic64_read(&dmirror->mdevice->lru_clock) + 1;
+	return 0;
+}
+
+static void dmirror_migration_fini(struct dmirror_migration *mig)
+{
+	kvfree(mig->args.src);
+}
+
+/**
+ * dmirror_evict_pfns() - move device pages back to system memory
+ * @chunk: chunk holding them
+ * @pfn: first device pfn
+ * @npages: how many
+ *
+ * Works on physical pages, whoever maps them, with migrate_device_range():
+ * free pages and pages another migration holds locked are skipped.
+ *
+ * Return: the number of pages moved, or -ENOMEM.
+ */
+static long dmirror_evict_pfns(struct dmirror_chunk *chunk, unsigned long pfn,
+			       unsigned long npages)
+{
+	struct migrate_vma args = { .npages = npages };
+	long ret = -ENOMEM;
+
+	args.src = kvcalloc(npages, sizeof(*args.src), GFP_KERNEL);
+	args.dst = kvcalloc(npages, sizeof(*args.dst), GFP_KERNEL);
+	if (!args.src || !args.dst)
+		goto out;
+	ret = migrate_device_range(args.src, pfn, npages);
+	if (ret)
+		goto out;
+	dmirror_migrate_alloc_to_sys(&args, NULL, NULL, false);
+	migrate_device_pages(args.src, args.dst, npages);
+	ret = dmirror_migrated(args.src, args.dst, npages, NULL);
+	atomic64_add(ret, dmirror_stat(chunk->mdevice, migrated_to_sys));
+	migrate_device_finalize(args.src, args.dst, npages);
+out:
+	kvfree(args.src);
+	kvfree(args.dst);
+	return ret;
+}
+
+/* Does block @i of @chunk hold an allocated page? Context: mem_lock held. */
+static bool dmirror_block_in_use(const struct dmirror_chunk *chunk,
+				 unsigned long i)
+{
+	unsigned long first = i * DMIRROR_BLOCK_PAGES;
+
+	lockdep_assert_held(&chunk->mdevice->mem_lock);
+	return find_next_bit(chunk->used, first + DMIRROR_BLOCK_PAGES, first) <
+	       first + DMIRROR_BLOCK_PAGES;
+}
+
+/**
+ * dmirror_make_room() - evict the least recently used block of device memory
+ * @mdevice: device
+ * @before: consider only blocks last used before this clock value
+ * @tried: blocks last used up to this clock value were tried already;
+ *	set to the one tried now
+ *
+ * Device memory is evicted a block at a time, whoever maps it, least
+ * recently used first (migrated in or mapped by a device fault). A block
+ * whose pages cannot all move (pinned, locked by a migration, no system
+ * memory) keeps them; the caller tries its allocation again and, if it
+ * still fails, the next block.
+ *
+ * Context: may sleep; chunk_lock not held. Called from a migration, whose
+ * own pages, locked, the eviction skips.
+ * Return: false when no block is left to try.
+ */
+static bool dmirror_make_room(struct dmirror_device *mdevice, u64 before,
+			      u64 *tried)
+{
+	struct dmirror_chunk *chunk, *victim = NULL;
+	unsigned long i, block = 0;
+	u64 best = before;
+	long n;
+
+	mutex_lock(&mdevice->chunk_lock);
+	spin_lock_irq(&mdevice->mem_lock);
+	list_for_each_entry(chunk, &mdevice->chunks, node) {
+		unsigned long nblocks = dmirror_chunk_npages(chunk) /
+					DMIRROR_BLOCK_PAGES;
+
+		for (i = 0; i < nblocks && !chunk->evicting; i++) {
+			u64 used = READ_ONCE(chunk->block_used[i]);
+
+			if (used <= *tried || used >= best ||
+			    !dmirror_block_in_use(chunk, i))
+				continue;
+			best = used;
+			victim = chunk;
+			block = i;
+		}
+	}
+	spin_unlock_irq(&mdevice->mem_lock);
+	if (victim) {
+		*tried = best;
+		n = dmirror_evict_pfns(victim, dmirror_chunk_first_pfn(victim) +
+					       block * DMIRROR_BLOCK_PAGES,
+				       DMIRROR_BLOCK_PAGES);
+		if (n > 0) {
+			atomic64_inc(dmirror_stat(mdevice, evictions));
+			atomic64_add(n, dmirror_stat(mdevice, pages_evicted));
+		}
+	}
+	mutex_unlock(&mdevice->chunk_lock);
+	return victim;
+}
+
+/* dmirror_devmem_alloc(), evicting older device memory if @mig may. */
+static struct folio *dmirror_migration_alloc(struct dmirror_migration *mig,
+					     unsigned int order)
+{
+	struct dmirror_device *mdevice = mig->dmirror->mdevice;
+	struct folio *folio;
+	u64 tried = 0;
+
+	while (!(folio = dmirror_devmem_alloc(mdevice, order)) &&
+	       mig->evict_before &&
+	       dmirror_make_room(mdevice, mig->evict_before, &tried))
+		;
+	return folio;
+}
+
+/**
+ * dmirror_migrate_alloc_to_dev() - fill the destinations of a migration
+ * @mig: the migration, after migrate_vma_setup()
+ *
+ * A large source gets a large device folio when the device has one, else
+ * 4 KiB device pages (migrate_vma_pages() then splits the source). A source
+ * that finds no device memory stays where it is. An empty source (a hole or
+ * the zero page) becomes zeroed device memory. On an interconnect the
+ * sources include the device's own pages, which stay, and its peers' pages,
+ * which are copied across directly. With no free device memory, the
+ * migration may evict older device memory (dmirror_migration_alloc()).
+ *
+ * Return: true if the device ran out of memory for a page.
+ */
+static bool dmirror_migrate_alloc_to_dev(struct dmirror_migration *mig)
+{
+	struct dmirror_device *mdevice = mig->dmirror->mdevice;
+	struct migrate_vma *args = &mig->args;
+	unsigned long i = 0, j, nr;
+	bool out_of_memory = false;
+
+	while (i < args->npages) {
+		unsigned long src = args->src[i];
+		struct page *spage = migrate_pfn_to_page(src);
+		unsigned long write = src & MIGRATE_PFN_WRITE;
+		struct folio *dfolio = NULL;
+
+		nr = 1;
+		if (dmirror_want_large(src))
+			nr = spage ? folio_nr_pages(page_folio(spage)) :
+				     HPAGE_PMD_NR;
+		if (!(src & MIGRATE_PFN_MIGRATE) ||
+		    (spage && dmirror_page_local(mdevice, spage)) ||
+		    dmirror_coherent_thp(spage, nr)) {
+			i += nr;
+			continue;
+		}
+		if (nr > 1 && !dmirror_fail_alloc(mig->dmirror))
+			dfolio = dmirror_migration_alloc(mig, ilog2(nr));
+		if (dfolio) {
+			args->dst[i] = migrate_pfn(folio_pfn(dfolio)) | write |
+				       MIGRATE_PFN_COMPOUND;
+			for (j = 0; j < nr; j++)
+				dmirror_copy_in(folio_page(dfolio, j),
+						spage ? spage + j : NULL);
+			i += nr;
+			continue;
+		}
+		/* One page at a time: a large source is split. */
+		for (j = 0; j < nr && i + j < args->npages; j++) {
+			dfolio = dmirror_migration_alloc(mig, 0);
+			if (!dfolio)
+				break;
+			args->dst[i + j] = migrate_pfn(folio_pfn(dfolio)) |
+					   write;
+			dmirror_copy_in(&dfolio->page, spage ? spage + j : NULL);
+		}
+		/*
+		 * An empty large range is filled whole or not at all:
+		 * migrate_vma_pages() inserts every page of it and does not
+		 * expect an empty destination among them.
+		 */
+		if (j < nr && !spage && nr > 1)
+			dmirror_dst_undo(&args->dst[i], j);
+		out_of_memory |= j < nr;
+		i += nr;
+	}
+	return out_of_memory;
+}
+
+/**
  * dmirror_uncollected() - the pages of a batch migrate_vma_setup() left out
  * @args: the batch, after migrate_vma_setup()
  * @req: output, %HMM_PFN_REQ_FAULT for each such page, else 0
@@ -3464,20 +3447,18 @@ static void dmirror_uncollected(const struct migrate_vma *args,
 
 /**
  * dmirror_migrate_batch() - migrate one batch of a VMA
- * @dmirror: mirror
- * @args: vma, start, end, flags and the arrays set
- * @to_dev: direction
- * @out_of_memory: set if the device ran out of memory
+ * @mig: the migration; its vma, start and end set
  * @req: NULL, or output: see dmirror_uncollected()
  *
  * Context: mmap lock held for read.
  * Return: pages migrated, or a negative errno.
  */
-static long dmirror_migrate_batch(struct dmirror *dmirror,
-				  struct migrate_vma *args, bool to_dev,
-				  bool *out_of_memory, unsigned long *req)
+static long dmirror_migrate_batch(struct dmirror_migration *mig,
+				  unsigned long *req)
 {
+	struct dmirror *dmirror = mig->dmirror;
 	struct dmirror_device *mdevice = dmirror->mdevice;
+	struct migrate_vma *args = &mig->args;
 	unsigned long moved, from_devmem = 0;
 	long ret;
 
@@ -3489,8 +3470,8 @@ static long dmirror_migrate_batch(struct dmirror *dmirror,
 	if (req)
 		dmirror_uncollected(args, req);
 	memset(args->dst, 0, args->npages * sizeof(*args->dst));
-	if (to_dev)
-		*out_of_memory |= dmirror_migrate_alloc_to_dev(dmirror, args);
+	if (mig->to_dev)
+		mig->out_of_memory |= dmirror_migrate_alloc_to_dev(mig);
 	else if (dmirror_migrate_alloc_to_sys(args, args->vma, mdevice,
 					      dmirror_fail_alloc(dmirror)))
 		ret = -ENOMEM;
@@ -3499,7 +3480,7 @@ static long dmirror_migrate_batch(struct dmirror *dmirror,
 				 &from_devmem);
 	migrate_vma_finalize(args);
 
-	if (to_dev) {
+	if (mig->to_dev) {
 		atomic64_add(moved, dmirror_stat(mdevice, migrated_to_dev));
 		atomic64_add(from_devmem,
 			     dmirror_stat(mdevice, migrated_from_peer));
@@ -3511,12 +3492,9 @@ static long dmirror_migrate_batch(struct dmirror *dmirror,
 
 /**
  * dmirror_migrate_vma() - migrate the batch of a range that starts at @addr
- * @dmirror: mirror
- * @args: flags and arrays set; vma, start and end are set here
+ * @mig: the migration; the batch's vma, start and end are set here
  * @addr: start of the batch
  * @end: end of the range
- * @to_dev: direction
- * @out_of_memory: set if the device ran out of memory
  * @req: NULL, or output: see dmirror_uncollected(); all 0 unless the VMA
  *	is anonymous, the only memory a fault may bring in to migrate
  *
@@ -3527,12 +3505,12 @@ static long dmirror_migrate_batch(struct dmirror *dmirror,
  * -ENOENT for shared memory moving to the device, or the error of the
  * migration.
  */
-static long dmirror_migrate_vma(struct dmirror *dmirror,
-				struct migrate_vma *args, unsigned long addr,
-				unsigned long end, bool to_dev,
-				bool *out_of_memory, unsigned long *req)
+static long dmirror_migrate_vma(struct dmirror_migration *mig,
+				unsigned long addr, unsigned long end,
+				unsigned long *req)
 {
-	struct mm_struct *mm = dmirror->mm;
+	struct mm_struct *mm = mig->dmirror->mm;
+	struct migrate_vma *args = &mig->args;
 	long ret = -EINVAL;
 
 	if (req)
@@ -3542,13 +3520,13 @@ static long dmirror_migrate_vma(struct dmirror *dmirror,
 	if (!args->vma || !(args->vma->vm_flags & VM_READ))
 		goto unlock;
 	ret = -ENOENT;
-	if (to_dev && (args->vma->vm_flags & VM_SHARED))
+	if (mig->to_dev && (args->vma->vm_flags & VM_SHARED))
 		goto unlock;
 	args->start = addr;
 	args->end = min3(end, args->vma->vm_end,
 			 ALIGN(addr + 1, HPAGE_PMD_SIZE));
-	ret = dmirror_migrate_batch(dmirror, args, to_dev, out_of_memory,
-				    vma_is_anonymous(args->vma) ? req : NULL);
+	ret = dmirror_migrate_batch(mig, vma_is_anonymous(args->vma) ?
+					 req : NULL);
 unlock:
 	mmap_read_unlock(mm);
 	return ret;
@@ -3609,9 +3587,7 @@ static int dmirror_pull_pass(void *arg)
 
 /**
  * dmirror_migrate_pull() - fault in what a migration batch could not take
- * @dmirror: mirror
- * @args: the batch done; its destination array is free to use
- * @req: what dmirror_uncollected() found
+ * @mig: the migration, its batch done; the destination array is free
  *
  * A page in the memory of a device outside the device's interconnect group
  * cannot move across directly: the fault, as the CPU's would, has its
@@ -3625,10 +3601,11 @@ static int dmirror_pull_pass(void *arg)
  * Return: the number of pages brought into system memory; 0 if none, or
  * when the fault failed: the pages then stay where they are.
  */
-static unsigned long dmirror_migrate_pull(struct dmirror *dmirror,
-					  struct migrate_vma *args,
-					  const unsigned long *req)
+static unsigned long dmirror_migrate_pull(struct dmirror_migration *mig)
 {
+	struct dmirror *dmirror = mig->dmirror;
+	struct migrate_vma *args = &mig->args;
+	const unsigned long *req = mig->req;
 	unsigned long i, npages = (args->end - args->start) >> PAGE_SHIFT;
 	struct hmm_range range = {
 		.start = args->start,
@@ -3659,6 +3636,39 @@ static unsigned long dmirror_migrate_pull(struct dmirror *dmirror,
 	atomic64_add(pull.pulled, dmirror_stat(dmirror->mdevice,
 					       migrate_pulled));
 	return pull.pulled;
+}
+
+/**
+ * dmirror_migrate_range() - migrate a range
+ * @mig: the migration
+ * @range: the range
+ *
+ * Migrates in PMD-aligned batches, so that huge pages move whole. To the
+ * device, pages in the memory of an interconnect peer move across directly;
+ * pages that cannot be taken where they are (on a device outside the group,
+ * swapped out) are faulted into system memory first and the batch runs
+ * again (dmirror_migrate_pull()). To system memory, only the device's own
+ * pages move, not its peers'. @mig counts what moved.
+ *
+ * Return: 0, or the first error of dmirror_migrate_vma().
+ */
+static int dmirror_migrate_range(struct dmirror_migration *mig,
+				 const struct dmirror_range *range)
+{
+	unsigned long addr;
+	long ret;
+
+	for (addr = range->start; addr < range->end; addr = mig->args.end) {
+		ret = dmirror_migrate_vma(mig, addr, range->end, mig->req);
+		if (ret >= 0 && mig->req && dmirror_migrate_pull(mig)) {
+			mig->moved += ret;
+			ret = dmirror_migrate_vma(mig, addr, range->end, NULL);
+		}
+		if (ret < 0)
+			return ret;
+		mig->moved += ret;
+	}
+	return 0;
 }
 
 /* Fails a batch with a page outside the device's memory. */
@@ -3697,80 +3707,28 @@ static int dmirror_check_local(struct dmirror *dmirror,
 }
 
 /**
- * dmirror_migrate() - HMM_DMIRROR_MIGRATE_TO_DEV and _TO_SYS
- * @dmirror: mirror
- * @cmd: the request; cpages gets the number of pages moved
- * @range: the range of @cmd
- * @to_dev: direction
+ * dmirror_timeslice_wait() - let device pages stay for their timeslice
+ * @page: device page a CPU fault wants back
  *
- * Migrates in PMD-aligned batches, so that huge pages move whole. Pages
- * in the memory of an interconnect peer move across directly; pages that
- * cannot be taken where they are (on a device outside the group, swapped
- * out) are faulted into system memory first and the batch runs again
- * (dmirror_migrate_pull()). As in the kernel's own driver, migration to the
- * device then requires every page of the range to be in the device's
- * memory, moved now or before, and reads them through the device into
- * @cmd->ptr; @cmd->cpages is the range's size. Migration to system memory
- * moves the device's own pages, not its peers', and counts them.
- *
- * Return: 0; -EINVAL for a hole or memory without read access in the range;
- * -ENOENT when a page of the range is not in the device's memory afterwards
- * (shared or file memory, which cannot move, or a page in the coherent
- * memory of a device outside the group); -ENOMEM when the device ran out of
- * memory (what fitted has moved).
+ * Pages a migration just brought into device memory stay there for the
+ * device's timeslice (per block), so that memory the CPU and the device
+ * both touch does not bounce between them on every access; drm_pagemap
+ * does the same for GPUs. The CPU fault waits, killably, for the rest of
+ * the slice, with the mmap lock and the page lock held as the fault
+ * handler has them: the slice is short (at most
+ * %HMM_DMIRROR_MAX_TIMESLICE_MS) and the wait is counted.
  */
-static int dmirror_migrate(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
-			   const struct dmirror_range *range, bool to_dev)
+static void dmirror_timeslice_wait(struct page *page)
 {
-	struct migrate_vma args = {
-		.flags = dmirror_migrate_select(dmirror->mdevice, to_dev),
-	};
-	unsigned long addr, moved = 0;
-	bool out_of_memory = false;
-	unsigned long *pfns, *req;
-	long ret = 0;
+	struct dmirror_chunk *chunk = dmirror_page_chunk(page);
+	unsigned long block = dmirror_chunk_block(chunk, page_to_pfn(page));
+	long left = (long)(READ_ONCE(chunk->block_until[block]) - jiffies);
 
-	pfns = dmirror_inject_failure() ? NULL :
-	       kvcalloc(3 * HPAGE_PMD_NR, sizeof(*pfns), GFP_KERNEL);
-	if (!pfns)
-		return -ENOMEM;
-	args.src = pfns;
-	args.dst = pfns + HPAGE_PMD_NR;
-	req = to_dev ? pfns + 2 * HPAGE_PMD_NR : NULL;
-
-	for (addr = range->start; addr < range->end; addr = args.end) {
-		ret = dmirror_migrate_vma(dmirror, &args, addr, range->end,
-					  to_dev, &out_of_memory, req);
-		if (ret >= 0 && req && dmirror_migrate_pull(dmirror, &args, req)) {
-			moved += ret;
-			ret = dmirror_migrate_vma(dmirror, &args, addr,
-						  range->end, to_dev,
-						  &out_of_memory, NULL);
-		}
-		if (ret < 0)
-			break;
-		moved += ret;
-		ret = 0;
-	}
-	kvfree(pfns);
-	if (ret)
-		return ret;
-
-	cmd->cpages = moved;
-	if (to_dev) {
-		struct hmm_dmirror_cmd readback = *cmd;
-
-		ret = dmirror_check_local(dmirror, range);
-		if (ret == -ENOENT && out_of_memory)
-			ret = -ENOMEM;
-		if (ret)
-			return ret;
-		readback.cpages = 0;
-		ret = dmirror_access(dmirror, &readback, range, false, false);
-		cmd->faults = readback.faults;
-		cmd->cpages = readback.cpages;
-	}
-	return ret;
+	if (left <= 0 ||
+	    left > msecs_to_jiffies(HMM_DMIRROR_MAX_TIMESLICE_MS))
+		return;
+	atomic64_inc(dmirror_stat(chunk->mdevice, timeslice_waits));
+	schedule_timeout_killable(left);
 }
 
 /**
@@ -3781,7 +3739,8 @@ static int dmirror_migrate(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
  * system memory. Only the device is needed, never a mirror: a file may be
  * closed, and its mirror freed, while its pages stay in device memory. The
  * migration selects by the page's pagemap owner, which is the device's
- * interconnect group when it is in one.
+ * interconnect group when it is in one. Within the timeslice of the page's
+ * block (dmirror_timeslice_wait()) the fault first waits for its end.
  *
  * Return: 0, VM_FAULT_OOM or VM_FAULT_SIGBUS.
  */
@@ -3801,6 +3760,7 @@ static vm_fault_t dmirror_devmem_migrate_to_ram(struct vm_fault *vmf)
 	};
 	vm_fault_t ret = 0;
 
+	dmirror_timeslice_wait(vmf->page);
 	args.end = args.start + (PAGE_SIZE << order);
 	if (!dmirror_inject_failure()) {
 		args.src = kcalloc(nr, sizeof(*args.src), GFP_KERNEL);
@@ -3831,36 +3791,11 @@ static const struct dev_pagemap_ops dmirror_devmem_ops = {
 	.folio_split	= dmirror_devmem_folio_split,
 };
 
-/**
- * dmirror_chunk_evict() - move every page of a chunk back to system memory
- * @chunk: chunk, marked evicting
- *
- * Works on physical pages, whoever maps them, with migrate_device_range().
- *
- * Return: 0 or -ENOMEM.
- */
-static int dmirror_chunk_evict(struct dmirror_chunk *chunk)
+/* Move every page of a chunk, marked evicting, back to system memory. */
+static long dmirror_chunk_evict(struct dmirror_chunk *chunk)
 {
-	unsigned long npages = dmirror_chunk_npages(chunk);
-	struct migrate_vma args = { .npages = npages };
-	int ret = -ENOMEM;
-
-	args.src = kvcalloc(npages, sizeof(*args.src), GFP_KERNEL);
-	args.dst = kvcalloc(npages, sizeof(*args.dst), GFP_KERNEL);
-	if (!args.src || !args.dst)
-		goto out;
-	ret = migrate_device_range(args.src, dmirror_chunk_first_pfn(chunk),
-				   npages);
-	if (ret)
-		goto out;
-	ret = dmirror_migrate_alloc_to_sys(&args, NULL, NULL, false);
-	migrate_device_pages(args.src, args.dst, npages);
-	dmirror_count_to_sys(chunk->mdevice, args.src, args.dst, npages);
-	migrate_device_finalize(args.src, args.dst, npages);
-out:
-	kvfree(args.src);
-	kvfree(args.dst);
-	return ret;
+	return dmirror_evict_pfns(chunk, dmirror_chunk_first_pfn(chunk),
+				  dmirror_chunk_npages(chunk));
 }
 
 /* Context: chunk_lock held, the chunk evicted. */
@@ -3919,6 +3854,754 @@ static int dmirror_devmem_release(struct dmirror_device *mdevice)
 }
 
 /* ------------------------------------------------------------------------
+ * Placement advice: the device's own fault policy
+ */
+
+/**
+ * struct dmirror_advice - advice over a virtual range of a mirror
+ * @it: the range, [start, last], in &dmirror.advice
+ * @location: enum hmm_dmirror_location, never %HMM_DMIRROR_LOC_NONE
+ * @policy: enum hmm_dmirror_fault_policy
+ * @shift: log2 of the bytes a migrating device fault moves at once
+ */
+struct dmirror_advice {
+	struct interval_tree_node it;
+	u32 location;
+	u32 policy;
+	u32 shift;
+};
+
+/**
+ * struct dmirror_placement - advice looked up for an address
+ * @start: start of the advised range
+ * @end: its end
+ * @location: as &struct dmirror_advice
+ * @policy: as &struct dmirror_advice
+ * @shift: as &struct dmirror_advice
+ */
+struct dmirror_placement {
+	unsigned long start;
+	unsigned long end;
+	u32 location;
+	u32 policy;
+	u32 shift;
+};
+
+/*
+ * A node for the part of an advised range that an unmap in its middle cuts
+ * off: the spare the last ADVISE left, else whatever an allocation that
+ * does not sleep gives, since this runs in invalidation callbacks.
+ */
+static struct dmirror_advice *dmirror_advice_spare(struct dmirror *dmirror)
+{
+	struct dmirror_advice *adv = dmirror->advice_spare;
+
+	lockdep_assert_held(&dmirror->advice_lock);
+	if (adv) {
+		dmirror->advice_spare = NULL;
+		return adv;
+	}
+	return kmalloc(sizeof(*adv), GFP_NOWAIT | __GFP_NOWARN);
+}
+
+/**
+ * dmirror_advice_punch() - remove the advice of a range
+ * @dmirror: mirror
+ * @start: first address
+ * @end: end address
+ *
+ * Ranges that overlap @start or @end keep their advice outside the range.
+ * One range can hold both ends and be cut in two: the second part needs a
+ * node (dmirror_advice_spare()); without one, that part loses its advice.
+ *
+ * Context: advice_lock held; may be an invalidation callback, so nothing
+ * here sleeps.
+ */
+static void dmirror_advice_punch(struct dmirror *dmirror, unsigned long start,
+				 unsigned long end)
+{
+	struct rb_root_cached *root = &dmirror->advice;
+	unsigned long last = end - 1;
+	struct interval_tree_node *it;
+
+	lockdep_assert_held(&dmirror->advice_lock);
+	while ((it = interval_tree_iter_first(root, start, last))) {
+		struct dmirror_advice *adv =
+			container_of(it, struct dmirror_advice, it);
+		bool left = it->start < start, right = it->last > last;
+		struct dmirror_advice *tail;
+
+		interval_tree_remove(it, root);
+		if (left && right) {
+			tail = dmirror_advice_spare(dmirror);
+			if (tail) {
+				*tail = *adv;
+				tail->it.start = end;
+				interval_tree_insert(&tail->it, root);
+			}
+		}
+		if (left) {
+			it->last = start - 1;
+			interval_tree_insert(it, root);
+		} else if (right) {
+			it->start = end;
+			interval_tree_insert(it, root);
+		} else {
+			kfree(adv);
+		}
+	}
+}
+
+/*
+ * The advice watch: an unmap (munmap(), the old range of an mremap()) or
+ * the exit of the mm drops the advice of what it unmaps. It covers the
+ * whole address space, as advice may cover ranges the device never
+ * faulted in, which its page table notifiers do not see.
+ */
+static bool dmirror_advice_invalidate(struct mmu_interval_notifier *mni,
+				      const struct mmu_notifier_range *range,
+				      unsigned long cur_seq)
+{
+	struct dmirror *dmirror = container_of(mni, struct dmirror,
+					       advice_watch);
+
+	spin_lock(&dmirror->advice_lock);
+	mmu_interval_set_seq(mni, cur_seq);
+	if (range->event == MMU_NOTIFY_UNMAP ||
+	    range->event == MMU_NOTIFY_RELEASE)
+		dmirror_advice_punch(dmirror, range->start, range->end);
+	spin_unlock(&dmirror->advice_lock);
+	return true;
+}
+
+static const struct mmu_interval_notifier_ops dmirror_advice_ops = {
+	.invalidate = dmirror_advice_invalidate,
+};
+
+/* Insert the advice watch once, at the first advice. */
+static int dmirror_advice_watch(struct dmirror *dmirror)
+{
+	int ret;
+
+	lockdep_assert_held(&dmirror->advice_mutex);
+	lockdep_assert_not_held(&dmirror->mm->mmap_lock);
+	if (dmirror->advice_watching)
+		return 0;
+	if (dmirror_inject_failure())
+		return -ENOMEM;
+	ret = mmu_interval_notifier_insert(&dmirror->advice_watch, dmirror->mm,
+					   0, ULONG_MAX & PAGE_MASK,
+					   &dmirror_advice_ops);
+	dmirror->advice_watching = !ret;
+	return ret;
+}
+
+/* Remove the advice watch and all advice, at release. */
+static void dmirror_advice_teardown(struct dmirror *dmirror)
+{
+	if (dmirror->advice_watching)
+		mmu_interval_notifier_remove(&dmirror->advice_watch);
+	spin_lock(&dmirror->advice_lock);
+	dmirror_advice_punch(dmirror, 0, ULONG_MAX);
+	spin_unlock(&dmirror->advice_lock);
+	kfree(dmirror->advice_spare);
+}
+
+/* Validate an HMM_DMIRROR_ADVISE argument and take its range. */
+static int dmirror_advice_check(const struct hmm_dmirror_advice *ua,
+				struct dmirror_range *range)
+{
+	int ret = dmirror_user_range(ua->addr, ua->npages, range);
+
+	if (ret)
+		return ret;
+	if (ua->reserved || ua->location > HMM_DMIRROR_LOC_AUTO ||
+	    ua->policy > HMM_DMIRROR_FAULT_MAP)
+		return -EINVAL;
+	if (ua->location == HMM_DMIRROR_LOC_NONE)
+		return ua->policy || ua->granule_shift ? -EINVAL : 0;
+	if (ua->granule_shift != PAGE_SHIFT && ua->granule_shift != PMD_SHIFT)
+		return -EINVAL;
+	return 0;
+}
+
+/*
+ * New advice applies from the next device fault: the device drops its
+ * mappings of the range, as GPU drivers invalidate theirs when an madvise()
+ * changes where a range should be.
+ */
+static void dmirror_advice_apply(struct dmirror *dmirror,
+				 const struct dmirror_range *range)
+{
+	struct dmirror_device *mdevice = dmirror->mdevice;
+	unsigned long cleared;
+
+	mutex_lock(&dmirror->pt_lock);
+	cleared = dmirror_pt_clear(dmirror, range->start, range->end, false);
+	mutex_unlock(&dmirror->pt_lock);
+	if (cleared)
+		dmirror_flush_sync(mdevice,
+				   READ_ONCE(mdevice->settings.flush_latency_ns),
+				   0, DMIRROR_LOG_SYNC);
+}
+
+/**
+ * dmirror_advise() - HMM_DMIRROR_ADVISE
+ * @dmirror: mirror
+ * @uarg: the caller's &struct hmm_dmirror_advice
+ *
+ * Allocates what the update needs first, then replaces the advice of the
+ * range under advice_lock, leaving a spare node for unmaps to come, and
+ * drops the device's mappings of the range (dmirror_advice_apply()).
+ *
+ * Return: 0, -EINVAL (see &struct hmm_dmirror_advice), -EFAULT or -ENOMEM.
+ */
+static int dmirror_advise(struct dmirror *dmirror, const void __user *uarg)
+{
+	struct dmirror_advice *adv = NULL, *spare;
+	struct hmm_dmirror_advice ua;
+	struct dmirror_range range;
+	int ret;
+
+	if (copy_from_user(&ua, uarg, sizeof(ua)))
+		return -EFAULT;
+	ret = dmirror_advice_check(&ua, &range);
+	if (ret)
+		return ret;
+	spare = kzalloc_obj(*spare);
+	if (ua.location != HMM_DMIRROR_LOC_NONE) {
+		adv = kzalloc_obj(*adv);
+		if (adv) {
+			adv->it.start = range.start;
+			adv->it.last = range.end - 1;
+			adv->location = ua.location;
+			adv->policy = ua.policy;
+			adv->shift = ua.granule_shift;
+		}
+	}
+	ret = -ENOMEM;
+	if (!spare || (ua.location != HMM_DMIRROR_LOC_NONE && !adv))
+		goto free;
+	ret = -EINVAL;
+	if (!mmget_not_zero(dmirror->mm))
+		goto free;
+
+	mutex_lock(&dmirror->advice_mutex);
+	ret = dmirror_advice_watch(dmirror);
+	if (!ret) {
+		spin_lock(&dmirror->advice_lock);
+		dmirror_advice_punch(dmirror, range.start, range.end);
+		if (adv)
+			interval_tree_insert(&adv->it, &dmirror->advice);
+		adv = NULL;
+		if (!dmirror->advice_spare)
+			swap(dmirror->advice_spare, spare);
+		spin_unlock(&dmirror->advice_lock);
+	}
+	mutex_unlock(&dmirror->advice_mutex);
+	mmput(dmirror->mm);
+	if (!ret)
+		dmirror_advice_apply(dmirror, &range);
+free:
+	kfree(adv);
+	kfree(spare);
+	return ret;
+}
+
+/* The advice of @addr into @pl: false when there is none. */
+static bool dmirror_advice_lookup(struct dmirror *dmirror, unsigned long addr,
+				  struct dmirror_placement *pl)
+{
+	struct interval_tree_node *it;
+
+	spin_lock(&dmirror->advice_lock);
+	it = interval_tree_iter_first(&dmirror->advice, addr, addr);
+	if (it) {
+		struct dmirror_advice *adv =
+			container_of(it, struct dmirror_advice, it);
+
+		pl->start = it->start;
+		pl->end = it->last + 1;
+		pl->location = adv->location;
+		pl->policy = adv->policy;
+		pl->shift = adv->shift;
+	}
+	spin_unlock(&dmirror->advice_lock);
+	return it;
+}
+
+/**
+ * dmirror_get_advice() - HMM_DMIRROR_GET_ADVICE
+ * @dmirror: mirror
+ * @uarg: the caller's &struct hmm_dmirror_advice
+ *
+ * Return: 0, -ENOENT when no advice covers the address, -EINVAL for an
+ * address beyond the user address space, -EFAULT.
+ */
+static int dmirror_get_advice(struct dmirror *dmirror, void __user *uarg)
+{
+	struct dmirror_placement pl;
+	struct hmm_dmirror_advice ua;
+
+	if (copy_from_user(&ua, uarg, sizeof(ua)))
+		return -EFAULT;
+	if (ua.addr >= TASK_SIZE_MAX)
+		return -EINVAL;
+	if (!dmirror_advice_lookup(dmirror, ua.addr, &pl))
+		return -ENOENT;
+	ua.addr = pl.start;
+	ua.npages = (pl.end - pl.start) >> PAGE_SHIFT;
+	ua.location = pl.location;
+	ua.policy = pl.policy;
+	ua.granule_shift = pl.shift;
+	ua.reserved = 0;
+	return copy_to_user(uarg, &ua, sizeof(ua)) ? -EFAULT : 0;
+}
+
+/* Is the page at @addr in the device's own memory? */
+static bool dmirror_is_local(struct dmirror *dmirror, unsigned long addr)
+{
+	struct dmirror_range page = { addr, addr + PAGE_SIZE };
+
+	return !dmirror_check_local(dmirror, &page);
+}
+
+/**
+ * dmirror_fault_place() - follow the advice of a device fault's address
+ * @dmirror: mirror
+ * @addr: faulting address
+ * @end: end of the access
+ *
+ * What a GPU's fault handler does before it maps: look up the advice of the
+ * range and, where it says migrate, move the granule holding @addr to the
+ * preferred location if the page is not there yet. Into the device's memory
+ * older device memory is evicted to make room when the location is the
+ * device, not when the device decides (it then only takes free memory). A
+ * page that cannot move is mapped where it is, and counted. The fault then
+ * maps no further than the granule, so that the next granule faults, and
+ * migrates, in turn.
+ *
+ * Return: the end of what the fault may map: @end without migrate advice.
+ */
+static unsigned long dmirror_fault_place(struct dmirror *dmirror,
+					 unsigned long addr, unsigned long end)
+{
+	struct dmirror_device *mdevice = dmirror->mdevice;
+	struct dmirror_migration mig;
+	struct dmirror_placement pl;
+	struct dmirror_range granule;
+	unsigned long base;
+	bool to_dev;
+
+	if (!dmirror_advice_lookup(dmirror, addr, &pl) ||
+	    pl.policy != HMM_DMIRROR_FAULT_MIGRATE)
+		return end;
+	base = ALIGN_DOWN(addr, 1UL << pl.shift);
+	granule.start = max(base, pl.start);
+	granule.end = min(base + (1UL << pl.shift), pl.end);
+	to_dev = pl.location != HMM_DMIRROR_LOC_SYSTEM;
+	if (dmirror_is_local(dmirror, addr) == to_dev ||
+	    dmirror_migration_init(&mig, dmirror, to_dev,
+				   pl.location == HMM_DMIRROR_LOC_DEVICE))
+		return min(end, granule.end);
+
+	dmirror_migrate_range(&mig, &granule);
+	dmirror_migration_fini(&mig);
+	atomic64_add(mig.moved, dmirror_stat(mdevice, migrate_on_fault));
+	if (to_dev && !dmirror_is_local(dmirror, addr))
+		atomic64_inc(dmirror_stat(mdevice, fault_fallbacks));
+	return min(end, granule.end);
+}
+
+/* ------------------------------------------------------------------------
+ * Device access: READ, WRITE, READ_UNLOCKED
+ */
+
+/**
+ * dmirror_copy_mapped() - device access through the device page table
+ * @dmirror: mirror
+ * @start: first address
+ * @end: end address
+ * @bounce: kernel buffer holding the data of [@start, @end)
+ * @write: copy @bounce to memory rather than memory to @bounce
+ *
+ * Stops at the first page the device cannot access without a fault.
+ *
+ * Context: pt_lock held, which keeps the mapped pages from being freed.
+ * Return: the number of pages copied.
+ */
+static unsigned long dmirror_copy_mapped(struct dmirror *dmirror,
+					 unsigned long start, unsigned long end,
+					 char *bounce, bool write)
+{
+	unsigned long addr;
+
+	lockdep_assert_held(&dmirror->pt_lock);
+	for (addr = start; addr < end; addr += PAGE_SIZE, bounce += PAGE_SIZE) {
+		u64 pte = dmirror_pte_get(dmirror, addr);
+		struct page *mapped, *page;
+
+		if (!(pte & DMIRROR_PTE_VALID))
+			break;
+		if (write && !(pte & DMIRROR_PTE_WRITE))
+			break;
+		mapped = pfn_to_page(pte >> DMIRROR_PTE_PFN_SHIFT);
+		page = dmirror_page_storage(mapped);
+		if (!write) {
+			memcpy_from_page(bounce, page, 0, PAGE_SIZE);
+			continue;
+		}
+		memcpy_to_page(page, 0, bounce, PAGE_SIZE);
+		/* As a CPU store would, so that reclaim keeps the data. */
+		if (page == mapped)
+			folio_mark_dirty(page_folio(page));
+	}
+	return (addr - start) >> PAGE_SHIFT;
+}
+
+/**
+ * dmirror_access_batch() - device read or write of one batch
+ * @dmirror: mirror
+ * @start: first address of the batch
+ * @end: end of the batch
+ * @req_end: end of the whole request, the device fault prefetch window
+ * @bounce: data of the batch
+ * @write: direction
+ * @unlocked: see &struct dmirror_fault_batch
+ * @faults: incremented for every device fault taken
+ *
+ * Return: 0 or the error of dmirror_fault().
+ */
+static int dmirror_access_batch(struct dmirror *dmirror, unsigned long start,
+				unsigned long end, unsigned long req_end,
+				char *bounce, bool write, bool unlocked,
+				u64 *faults)
+{
+	unsigned long addr = start;
+	int ret;
+
+	for (;;) {
+		unsigned long done;
+
+		mutex_lock(&dmirror->pt_lock);
+		done = dmirror_copy_mapped(dmirror, addr, end,
+					   bounce + (addr - start), write);
+		mutex_unlock(&dmirror->pt_lock);
+		addr += done << PAGE_SHIFT;
+		if (addr == end)
+			return 0;
+
+		if (fatal_signal_pending(current))
+			return -EINTR;
+		ret = dmirror_fault(dmirror, addr,
+				    dmirror_fault_place(dmirror, addr, req_end),
+				    write, unlocked);
+		if (ret)
+			return ret;
+		(*faults)++;
+	}
+}
+
+/**
+ * dmirror_access() - HMM_DMIRROR_READ, _WRITE and _READ_UNLOCKED
+ * @dmirror: mirror
+ * @cmd: the request
+ * @range: the range of @cmd
+ * @write: direction
+ * @unlocked: see &struct dmirror_fault_batch
+ *
+ * Data moves through a bounded bounce buffer one batch at a time, because
+ * user memory cannot be touched under pt_lock.
+ *
+ * Return: 0, -EFAULT when @cmd->ptr cannot be accessed, or an error of
+ * dmirror_fault().
+ */
+static int dmirror_access(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
+			  const struct dmirror_range *range, bool write,
+			  bool unlocked)
+{
+	char __user *uptr = u64_to_user_ptr(cmd->ptr);
+	unsigned long addr, next;
+	char *bounce;
+	int ret = 0;
+
+	bounce = dmirror_inject_failure() ? NULL :
+		 kvmalloc(DMIRROR_BATCH_PAGES * PAGE_SIZE, GFP_KERNEL);
+	if (!bounce)
+		return -ENOMEM;
+
+	for (addr = range->start; addr < range->end; addr = next) {
+		unsigned long len;
+
+		next = dmirror_batch_end(addr, range->end);
+		len = next - addr;
+		if (write && copy_from_user(bounce, uptr, len)) {
+			ret = -EFAULT;
+			break;
+		}
+		ret = dmirror_access_batch(dmirror, addr, next, range->end,
+					   bounce, write, unlocked,
+					   &cmd->faults);
+		if (ret)
+			break;
+		if (!write && copy_to_user(uptr, bounce, len)) {
+			ret = -EFAULT;
+			break;
+		}
+		uptr += len;
+		cmd->cpages += len >> PAGE_SHIFT;
+	}
+	kvfree(bounce);
+	return ret;
+}
+
+/* ------------------------------------------------------------------------
+ * Exclusive (atomic) access
+ */
+
+/**
+ * dmirror_exclusive_give_back() - return an unused exclusive page to the CPU
+ * @mm: mirrored mm
+ * @addr: page address
+ *
+ * When an invalidation collided with an attempt at exclusive access, the page is
+ * left with a device-exclusive CPU entry the device never mapped. The next
+ * make_device_exclusive() would fault it back first, an MMU_NOTIFY_CLEAR
+ * inside the new read window: a collision again, and so forever. Faulting it
+ * back here, before the window opens, breaks that cycle.
+ *
+ * Return: 0 or the error of the fault.
+ */
+static int dmirror_exclusive_give_back(struct mm_struct *mm,
+				       unsigned long addr)
+{
+	int ret;
+
+	ret = mmap_read_lock_killable(mm);
+	if (ret)
+		return ret;
+	ret = fixup_user_fault(mm, addr, FAULT_FLAG_WRITE, NULL);
+	mmap_read_unlock(mm);
+	return ret;
+}
+
+/**
+ * dmirror_exclusive_try() - one attempt at making a page exclusive
+ * @dmirror: mirror
+ * @leaf: leaf covering @addr, referenced
+ * @watch: notifier over the request's range
+ * @addr: page address
+ * @installed: output, true if the atomic PTE was installed
+ *
+ * make_device_exclusive() returns the page locked, so the CPU cannot take it
+ * back before the device PTE is written. The collision check still applies:
+ * the page may have been unmapped between the GUP inside
+ * make_device_exclusive() and pt_lock. It uses @watch rather than the leaf's
+ * notifier: only invalidations of the request's range matter, and with
+ * other threads busy in the leaf the page would otherwise keep retrying.
+ *
+ * Return: 0 or the error of make_device_exclusive().
+ */
+static int dmirror_exclusive_try(struct dmirror *dmirror,
+				 struct dmirror_leaf *leaf,
+				 struct dmirror_watch *watch,
+				 unsigned long addr, bool *installed)
+{
+	struct mmu_interval_notifier *mni = &watch->mni;
+	struct mm_struct *mm = dmirror->mm;
+	struct folio *folio;
+	struct page *page;
+	unsigned long seq;
+	int ret;
+
+	seq = mmu_interval_read_begin(mni);
+	ret = mmap_read_lock_killable(mm);
+	if (ret)
+		return ret;
+	page = make_device_exclusive(mm, addr, dmirror->mdevice, &folio);
+	if (IS_ERR(page)) {
+		mmap_read_unlock(mm);
+		return PTR_ERR(page);
+	}
+
+	mutex_lock(&dmirror->pt_lock);
+	*installed = !leaf->dead && !mmu_interval_read_retry(mni, seq);
+	if (*installed)
+		dmirror_pte_set(dmirror, leaf, addr,
+				dmirror_pte_make(page_to_pfn(page),
+						 DMIRROR_PTE_WRITE |
+						 DMIRROR_PTE_ATOMIC));
+	mutex_unlock(&dmirror->pt_lock);
+
+	folio_unlock(folio);
+	folio_put(folio);
+	mmap_read_unlock(mm);
+	return 0;
+}
+
+/**
+ * struct dmirror_exclusive_req - a page to take for atomic device access
+ * @dmirror: mirror
+ * @watch: notifier over the request's range
+ * @addr: page address
+ */
+struct dmirror_exclusive_req {
+	struct dmirror *dmirror;
+	struct dmirror_watch *watch;
+	unsigned long addr;
+};
+
+/**
+ * dmirror_exclusive_pass() - one attempt at taking a page for atomic access
+ * @arg: the &struct dmirror_exclusive_req
+ *
+ * After a collision the page is given back to the CPU before the next
+ * attempt (dmirror_exclusive_give_back()).
+ *
+ * Return: 0; -EAGAIN after a collision; -EOPNOTSUPP for file-backed or
+ * hugetlb memory; -EFAULT when the page cannot be faulted in writable;
+ * -EINTR, -ENOMEM.
+ */
+static int dmirror_exclusive_pass(void *arg)
+{
+	struct dmirror_exclusive_req *req = arg;
+	struct dmirror *dmirror = req->dmirror;
+	struct dmirror_leaf *leaf;
+	bool installed = false;
+	int ret;
+
+	leaf = dmirror_leaf_get(dmirror, req->addr);
+	if (IS_ERR(leaf))
+		return PTR_ERR(leaf);
+	ret = dmirror_exclusive_try(dmirror, leaf, req->watch, req->addr,
+				    &installed);
+	dmirror_leaf_put(leaf);
+	if (ret || installed)
+		return ret;
+	ret = dmirror_exclusive_give_back(dmirror->mm, req->addr);
+	return ret ?: -EAGAIN;
+}
+
+/**
+ * dmirror_exclusive() - HMM_DMIRROR_EXCLUSIVE
+ * @dmirror: mirror
+ * @cmd: the request; the data of the range is copied to @cmd->ptr
+ * @range: the range of @cmd
+ *
+ * One watch notifier serves the whole request: inserting and removing one
+ * per page would cost more than the pages, and mmu_interval_notifier_remove()
+ * waits until no invalidation of the mm is running, which, with other
+ * threads busy invalidating their own pages, can take long.
+ *
+ * Return: 0, an error of dmirror_exclusive_pass() or dmirror_access(), or
+ * -EBUSY if invalidations kept colliding.
+ */
+static int dmirror_exclusive(struct dmirror *dmirror,
+			     struct hmm_dmirror_cmd *cmd,
+			     const struct dmirror_range *range)
+{
+	struct dmirror_watch watch;
+	struct dmirror_exclusive_req req = {
+		.dmirror = dmirror,
+		.watch = &watch,
+	};
+	int ret;
+
+	ret = dmirror_watch_insert(&watch, dmirror, range->start, range->end);
+	if (ret)
+		return ret;
+	for (req.addr = range->start; !ret && req.addr < range->end;
+	     req.addr += PAGE_SIZE)
+		ret = dmirror_retry_collisions(dmirror_exclusive_pass, &req,
+					       dmirror_stat(dmirror->mdevice,
+							    exclusive_retries));
+	dmirror_watch_remove(&watch);
+	if (ret)
+		return ret;
+	/* Read the data back through the atomic mappings. */
+	return dmirror_access(dmirror, cmd, range, false, false);
+}
+
+/**
+ * dmirror_check_exclusive() - HMM_DMIRROR_CHECK_EXCLUSIVE
+ * @dmirror: mirror
+ * @range: range to check
+ *
+ * Return: -EPERM if a page of the range is still mapped for atomic access,
+ * that is if the CPU has not taken it back since, else 0.
+ */
+static int dmirror_check_exclusive(struct dmirror *dmirror,
+				   const struct dmirror_range *range)
+{
+	unsigned long addr;
+	int ret = 0;
+
+	mutex_lock(&dmirror->pt_lock);
+	for (addr = range->start; addr < range->end; addr += PAGE_SIZE) {
+		if (dmirror_pte_get(dmirror, addr) & DMIRROR_PTE_ATOMIC) {
+			ret = -EPERM;
+			break;
+		}
+	}
+	mutex_unlock(&dmirror->pt_lock);
+	return ret;
+}
+
+/* ------------------------------------------------------------------------
+ * Migration requests: MIGRATE_TO_DEV, MIGRATE_TO_SYS
+ */
+
+/**
+ * dmirror_migrate() - HMM_DMIRROR_MIGRATE_TO_DEV and _TO_SYS
+ * @dmirror: mirror
+ * @cmd: the request; cpages gets the number of pages moved
+ * @range: the range of @cmd
+ * @to_dev: direction
+ *
+ * See dmirror_migrate_range(). As in the kernel's own driver, migration to
+ * the device then requires every page of the range to be in the device's
+ * memory, moved now or before, and reads them through the device into
+ * @cmd->ptr; @cmd->cpages is the range's size. Migration to system memory
+ * counts the pages moved. A migration to the device evicts older device
+ * memory when it runs out, never what it brought in itself.
+ *
+ * Return: 0; -EINVAL for a hole or memory without read access in the range;
+ * -ENOENT when a page of the range is not in the device's memory afterwards
+ * (shared or file memory, which cannot move, or a page in the coherent
+ * memory of a device outside the group); -ENOMEM when the device ran out of
+ * memory (what fitted has moved).
+ */
+static int dmirror_migrate(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
+			   const struct dmirror_range *range, bool to_dev)
+{
+	struct hmm_dmirror_cmd readback = *cmd;
+	struct dmirror_migration mig;
+	int ret;
+
+	ret = dmirror_migration_init(&mig, dmirror, to_dev, true);
+	if (ret)
+		return ret;
+	ret = dmirror_migrate_range(&mig, range);
+	dmirror_migration_fini(&mig);
+	if (ret)
+		return ret;
+
+	cmd->cpages = mig.moved;
+	if (!to_dev)
+		return 0;
+	ret = dmirror_check_local(dmirror, range);
+	if (ret == -ENOENT && mig.out_of_memory)
+		ret = -ENOMEM;
+	if (ret)
+		return ret;
+	readback.cpages = 0;
+	ret = dmirror_access(dmirror, &readback, range, false, false);
+	cmd->faults = readback.faults;
+	cmd->cpages = readback.cpages;
+	return ret;
+}
+
+/* ------------------------------------------------------------------------
  * Statistics and settings
  */
 
@@ -3970,7 +4653,7 @@ static int dmirror_settings_check(const struct hmm_dmirror_settings *set)
 	    !is_power_of_2(set->leaf_size) || set->leaf_size < PAGE_SIZE ||
 	    set->leaf_size > DMIRROR_MAX_LEAF_SIZE ||
 	    (set->flags & ~HMM_DMIRROR_SETTING_FAIL_NEXT_FINISH) ||
-	    set->reserved)
+	    set->reserved || set->timeslice_ms > HMM_DMIRROR_MAX_TIMESLICE_MS)
 		return -EINVAL;
 	return 0;
 }
@@ -4003,29 +4686,6 @@ static void dmirror_settings_get(struct dmirror_device *mdevice,
 /* ------------------------------------------------------------------------
  * ioctl
  */
-
-/**
- * dmirror_user_range() - validate a range given by user space
- * @addr: start
- * @npages: size in pages
- * @range: output
- *
- * Return: 0, or -EINVAL for an empty, unaligned or wrapping range or one
- * that does not fit in a user address space.
- */
-static int dmirror_user_range(u64 addr, u64 npages,
-			      struct dmirror_range *range)
-{
-	if (!npages || !PAGE_ALIGNED(addr))
-		return -EINVAL;
-	if (npages > (TASK_SIZE_MAX >> PAGE_SHIFT))
-		return -EINVAL;
-	range->start = addr;
-	range->end = addr + (npages << PAGE_SHIFT);
-	if (range->end <= range->start || range->end > TASK_SIZE_MAX)
-		return -EINVAL;
-	return 0;
-}
 
 /**
  * dmirror_ioctl_mm() - run one mm-using command
@@ -4141,11 +4801,46 @@ static long dmirror_stats_ioctl(struct dmirror *dmirror, unsigned int command,
 }
 
 /* HMM_DMIRROR_STATS with the size of any version of the structure. */
-static bool dmirror_is_stats_ioctl(unsigned int command)
+static bool dmirror_ioctl_is(unsigned int command, unsigned int request)
 {
-	return _IOC_TYPE(command) == _IOC_TYPE(HMM_DMIRROR_STATS) &&
-	       _IOC_NR(command) == _IOC_NR(HMM_DMIRROR_STATS) &&
-	       _IOC_DIR(command) == _IOC_DIR(HMM_DMIRROR_STATS);
+	return _IOC_TYPE(command) == _IOC_TYPE(request) &&
+	       _IOC_NR(command) == _IOC_NR(request) &&
+	       _IOC_DIR(command) == _IOC_DIR(request);
+}
+
+/* The size of the first version of &struct hmm_dmirror_settings. */
+#define DMIRROR_SETTINGS_V1_SIZE \
+	offsetof(struct hmm_dmirror_settings, memory_limit_mb)
+
+/**
+ * dmirror_settings_ioctl() - GET_SETTINGS and SET_SETTINGS, any size
+ * @mdevice: device
+ * @command: the ioctl number, with the size of the caller's structure
+ * @uarg: the caller's structure
+ *
+ * Return: 0, -EINVAL for a structure shorter than the first version or a
+ * bad value, -E2BIG for unknown fields that are not 0, -EFAULT.
+ */
+static long dmirror_settings_ioctl(struct dmirror_device *mdevice,
+				   unsigned int command, void __user *uarg)
+{
+	size_t usize = _IOC_SIZE(command);
+	struct hmm_dmirror_settings set;
+	size_t n = min(usize, sizeof(set));
+	int ret;
+
+	if (usize < DMIRROR_SETTINGS_V1_SIZE)
+		return -EINVAL;
+	if (_IOC_DIR(command) == _IOC_READ) {
+		dmirror_settings_get(mdevice, &set);
+		if (copy_to_user(uarg, &set, n))
+			return -EFAULT;
+		if (usize > n && clear_user(uarg + n, usize - n))
+			return -EFAULT;
+		return 0;
+	}
+	ret = copy_struct_from_user(&set, sizeof(set), uarg, usize);
+	return ret ?: dmirror_settings_set(mdevice, &set);
 }
 
 /**
@@ -4221,10 +4916,13 @@ static long dmirror_fops_unlocked_ioctl(struct file *filp, unsigned int command,
 	struct dmirror *dmirror = filp->private_data;
 	struct dmirror_device *mdevice = dmirror->mdevice;
 	void __user *uarg = (void __user *)arg;
-	struct hmm_dmirror_settings set;
 
-	if (dmirror_is_stats_ioctl(command))
+	/* The structures that grow: any size of them. */
+	if (dmirror_ioctl_is(command, HMM_DMIRROR_STATS))
 		return dmirror_stats_ioctl(dmirror, command, uarg);
+	if (dmirror_ioctl_is(command, HMM_DMIRROR_GET_SETTINGS) ||
+	    dmirror_ioctl_is(command, HMM_DMIRROR_SET_SETTINGS))
+		return dmirror_settings_ioctl(mdevice, command, uarg);
 
 	switch (command) {
 	case HMM_DMIRROR_READ:
@@ -4243,13 +4941,10 @@ static long dmirror_fops_unlocked_ioctl(struct file *filp, unsigned int command,
 	case HMM_DMIRROR_STATS_RESET:
 		dmirror_stats_reset(mdevice);
 		return 0;
-	case HMM_DMIRROR_GET_SETTINGS:
-		dmirror_settings_get(mdevice, &set);
-		return copy_to_user(uarg, &set, sizeof(set)) ? -EFAULT : 0;
-	case HMM_DMIRROR_SET_SETTINGS:
-		if (copy_from_user(&set, uarg, sizeof(set)))
-			return -EFAULT;
-		return dmirror_settings_set(mdevice, &set);
+	case HMM_DMIRROR_ADVISE:
+		return dmirror_advise(dmirror, uarg);
+	case HMM_DMIRROR_GET_ADVICE:
+		return dmirror_get_advice(dmirror, uarg);
 	case HMM_DMIRROR_INVALIDATIONS:
 		return dmirror_invalidations(dmirror, uarg);
 	case HMM_DMIRROR_HOLD:
@@ -4293,6 +4988,9 @@ static int dmirror_fops_open(struct inode *inode, struct file *filp)
 	init_llist_head(&dmirror->reap_list);
 	INIT_WORK(&dmirror->reap_work, dmirror_reap_work);
 	dmirror->whole.dmirror = dmirror;
+	mutex_init(&dmirror->advice_mutex);
+	spin_lock_init(&dmirror->advice_lock);
+	dmirror->advice = RB_ROOT_CACHED;
 
 	/* Teach lockdep that pt_lock is taken from reclaim; see "Locking". */
 	if (IS_ENABLED(CONFIG_LOCKDEP)) {
@@ -4350,8 +5048,10 @@ static int dmirror_fops_release(struct inode *inode, struct file *filp)
 	/* A task held for this file would keep the teardown waiting. */
 	dmirror_hold_release(dmirror);
 	dmirror_teardown(dmirror);
+	dmirror_advice_teardown(dmirror);
 	xa_destroy(&dmirror->leaves);
 	mmdrop(dmirror->mm);
+	mutex_destroy(&dmirror->advice_mutex);
 	mutex_destroy(&dmirror->pt_lock);
 	mutex_destroy(&dmirror->leaf_lock);
 	kfree(dmirror);

@@ -107,7 +107,12 @@ struct hmm_dmirror_cmd {
  * device's struct hmm_dmirror_settings. The invalidation mode and the flush
  * latency apply from the next invalidation; the notifier model and the leaf
  * size apply to mirrors that have not faulted anything yet (including the
- * caller's). -EINVAL for an unknown value.
+ * caller's); the memory limit and the timeslice at once. -EINVAL for an
+ * unknown value. The structure grows at its end, as the stats do: GET fills
+ * as many bytes as the caller's ioctl number encodes, zeroing what the
+ * driver does not know; SET takes a shorter structure with the missing
+ * fields 0 (their defaults), and refuses a longer one with -E2BIG unless
+ * what the driver does not know is 0.
  *
  * HMM_DMIRROR_INVALIDATIONS: read the driver's record of recent invalidations
  * of the address space the file mirrors (struct hmm_dmirror_inval_query), as
@@ -115,6 +120,10 @@ struct hmm_dmirror_cmd {
  * passes ran. Tests prove the two-pass protocol from it rather than from time, and
  * ignore invalidations they did not cause (reclaim, compaction, NUMA
  * balancing) by their range and event.
+ *
+ * HMM_DMIRROR_ADVISE: set the placement advice of a range of the address
+ * space the file mirrors (struct hmm_dmirror_advice), for this file's
+ * mirror only; HMM_DMIRROR_GET_ADVICE reads it back.
  *
  * HMM_DMIRROR_HOLD: a debug hold point (struct hmm_dmirror_hold). A test arms
  * one point of the device for a range of the address space its file mirrors;
@@ -129,6 +138,8 @@ struct hmm_dmirror_cmd {
 #define HMM_DMIRROR_SET_SETTINGS	_IOW('H', 0x43, struct hmm_dmirror_settings)
 #define HMM_DMIRROR_INVALIDATIONS	_IOWR('H', 0x44, struct hmm_dmirror_inval_query)
 #define HMM_DMIRROR_HOLD		_IOW('H', 0x45, struct hmm_dmirror_hold)
+#define HMM_DMIRROR_ADVISE		_IOW('H', 0x46, struct hmm_dmirror_advice)
+#define HMM_DMIRROR_GET_ADVICE		_IOWR('H', 0x47, struct hmm_dmirror_advice)
 
 /*
  * Index of hmm_dmirror_stats.invalidations: the kernel's enum
@@ -193,6 +204,16 @@ struct hmm_dmirror_cmd {
  *	a second copy), or swapped out
  * @migrated_to_sys: pages moved out of the device's memory into system
  *	memory: %HMM_DMIRROR_MIGRATE_TO_SYS, CPU faults, eviction
+ * @migrate_on_fault: pages device faults migrated to where the advice of
+ *	their range prefers (&struct hmm_dmirror_advice)
+ * @fault_fallbacks: device faults whose advice said migrate to the device
+ *	but whose page could not be moved there (pinned, busy, no device
+ *	memory and nothing to evict): the device mapped it where it was
+ * @evictions: blocks of device memory evicted to make room for a migration
+ * @pages_evicted: pages those evictions moved back to system memory
+ * @timeslice_waits: CPU faults on device pages that waited for the end of
+ *	their timeslice (&hmm_dmirror_settings.timeslice_ms) before taking
+ *	them back
  *
  * @finish_pool, @finish_free, @notifiers_live and @interconnect_group are
  * gauges, the rest counters.
@@ -221,6 +242,11 @@ struct hmm_dmirror_stats {
 	__u64		migrated_from_peer;
 	__u64		migrate_pulled;
 	__u64		migrated_to_sys;
+	__u64		migrate_on_fault;
+	__u64		fault_fallbacks;
+	__u64		evictions;
+	__u64		pages_evicted;
+	__u64		timeslice_waits;
 };
 
 /**
@@ -391,6 +417,16 @@ enum hmm_dmirror_invalidation {
  * @flags: HMM_DMIRROR_SETTING_* (write only: every SET arms or disarms the
  *	one-shot; reads return 0)
  * @reserved: must be 0
+ * @memory_limit_mb: the most device memory the device hands out, in MiB;
+ *	0 for all it has. A migration that needs more evicts the device memory
+ *	least recently used (by any mirror of the device) to system memory, a
+ *	2 MiB block at a time, but never what the same request brought in; it
+ *	fails with -ENOMEM only when nothing is left to evict
+ * @timeslice_ms: 0 to %HMM_DMIRROR_MAX_TIMESLICE_MS: how long pages stay in
+ *	device memory after a migration brought them there (per 2 MiB block)
+ *	before a CPU fault may take them back; a CPU fault before then waits
+ *	for the end of the slice, so that a range the CPU and the device both
+ *	touch does not bounce between them with every access
  */
 struct hmm_dmirror_settings {
 	__u32		notifier_model;
@@ -399,7 +435,11 @@ struct hmm_dmirror_settings {
 	__u64		leaf_size;
 	__u32		flags;
 	__u32		reserved;
+	__u32		memory_limit_mb;
+	__u32		timeslice_ms;
 };
+
+#define HMM_DMIRROR_MAX_TIMESLICE_MS	1000
 
 /* The next device-memory allocation of a migration fails, once. */
 #define HMM_DMIRROR_FLAG_FAIL_ALLOC	0x1ULL
@@ -441,6 +481,73 @@ enum hmm_dmirror_prot {
 	HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL	= 0x40,
 	HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE	= 0x50,
 	HMM_DMIRROR_PROT_INTERCONNECT		= 0x80,
+};
+
+/**
+ * enum hmm_dmirror_location - where advice prefers a range's pages
+ * @HMM_DMIRROR_LOC_NONE: no advice: %HMM_DMIRROR_ADVISE with it clears the
+ *	advice of the range, and device faults there map pages where they are
+ * @HMM_DMIRROR_LOC_SYSTEM: system memory
+ * @HMM_DMIRROR_LOC_DEVICE: the device's memory, evicting other device memory
+ *	to make room if it must
+ * @HMM_DMIRROR_LOC_AUTO: the device decides: its memory while it has free
+ *	memory (no eviction), else system memory where the page is
+ */
+enum hmm_dmirror_location {
+	HMM_DMIRROR_LOC_NONE = 0,
+	HMM_DMIRROR_LOC_SYSTEM = 1,
+	HMM_DMIRROR_LOC_DEVICE = 2,
+	HMM_DMIRROR_LOC_AUTO = 3,
+};
+
+/**
+ * enum hmm_dmirror_fault_policy - what a device fault does in an advised range
+ * @HMM_DMIRROR_FAULT_MIGRATE: migrate the faulting granule to the preferred
+ *	location first, then map it; map it where it is if it cannot move
+ *	(&hmm_dmirror_stats.fault_fallbacks)
+ * @HMM_DMIRROR_FAULT_MAP: map the page where it is, whatever the location
+ *	(remote access: a peer's memory over the interconnect, system memory
+ *	over the bus)
+ */
+enum hmm_dmirror_fault_policy {
+	HMM_DMIRROR_FAULT_MIGRATE = 0,
+	HMM_DMIRROR_FAULT_MAP = 1,
+};
+
+/**
+ * struct hmm_dmirror_advice - argument of %HMM_DMIRROR_ADVISE and
+ * %HMM_DMIRROR_GET_ADVICE
+ * @addr: ADVISE: (in) page-aligned start of the range; GET_ADVICE: (in) an
+ *	address, (out) the start of the advised range holding it
+ * @npages: ADVISE: (in) size of the range in pages; GET_ADVICE: (out) size
+ *	of the advised range
+ * @location: enum hmm_dmirror_location
+ * @policy: enum hmm_dmirror_fault_policy
+ * @granule_shift: log2 of the bytes a migrating device fault moves at once,
+ *	aligned: 12 (4 KiB) or 21 (2 MiB, a huge page where the memory has
+ *	one); 0 with %HMM_DMIRROR_LOC_NONE
+ * @reserved: must be 0
+ *
+ * Advice belongs to the mirror of the file that gave it, as GPU drivers
+ * keep it per VM. Advice over a range replaces whatever advice overlapped it
+ * (the rest of an overlapped range keeps its advice); it lasts until it is
+ * replaced or cleared, until the range is unmapped (munmap(), or the source
+ * of an mremap()), or until the file is closed. The range need not be
+ * mapped.
+ *
+ * ADVISE returns -EINVAL for an empty, unaligned or wrapping range or one
+ * beyond the user address space, an unknown location, policy or granule, a
+ * nonzero @reserved, or %HMM_DMIRROR_LOC_NONE with a policy or granule;
+ * -EFAULT for a bad pointer, -ENOMEM. GET_ADVICE returns -ENOENT when no
+ * advice covers @addr.
+ */
+struct hmm_dmirror_advice {
+	__u64		addr;
+	__u64		npages;
+	__u32		location;
+	__u32		policy;
+	__u32		granule_shift;
+	__u32		reserved;
 };
 
 /**
