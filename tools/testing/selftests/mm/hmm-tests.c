@@ -6679,5 +6679,586 @@ TEST_F_TIMEOUT(peer, peer_group_exit, HMM_SLOW_TIMEOUT)
 	}
 }
 
+/*
+ * Placement advice and the device's own fault policy (HMM_DMIRROR_ADVISE):
+ * device faults in an advised range migrate it where the advice prefers,
+ * at the advice's granule, or map it where it is; device memory capped by
+ * the memory_limit_mb setting is evicted, least recently used first, to
+ * make room; the timeslice setting keeps migrated pages on the device for
+ * a while before a CPU fault takes them back. The teardown puts the
+ * device's settings back and releases its memory.
+ */
+#define HMM_PLACE_LIMIT_MB	4	/* the device memory cap of the tests */
+#define HMM_PLACE_NPAGES	((2 * HMM_PLACE_LIMIT_MB << 20) / 4096)
+#define HMM_PLACE_ROUNDS	2
+#define HMM_TIMESLICE_MS	200
+#define HMM_SHIFT_4K		12
+#define HMM_SHIFT_2M		21
+
+FIXTURE(placement)
+{
+	int	fd;
+	size_t	page_size;
+};
+
+FIXTURE_VARIANT(placement)
+{
+	int	device;
+	bool	coherent;
+};
+
+FIXTURE_VARIANT_ADD(placement, private)
+{
+	.device = 0,
+};
+
+FIXTURE_VARIANT_ADD(placement, coherent)
+{
+	.device = 2,
+	.coherent = true,
+};
+
+static int hmm_advise(int fd, void *addr, __u64 npages, __u32 location,
+		      __u32 policy, __u32 shift)
+{
+	struct hmm_dmirror_advice a = {
+		.addr = (uintptr_t)addr,
+		.npages = npages,
+		.location = location,
+		.policy = policy,
+		.granule_shift = shift,
+	};
+
+	return hmm_ioctl(fd, HMM_DMIRROR_ADVISE, &a);
+}
+
+/* Set the device's memory limit and timeslice: 0 or -errno. */
+static int hmm_place_settings(int fd, __u32 limit_mb, __u32 timeslice_ms)
+{
+	struct hmm_dmirror_settings set;
+	int ret = hmm_get_settings(fd, &set);
+
+	if (ret)
+		return ret;
+	set.memory_limit_mb = limit_mb;
+	set.timeslice_ms = timeslice_ms;
+	return hmm_set_settings(fd, &set);
+}
+
+FIXTURE_SETUP(placement)
+{
+	char path[32];
+
+	self->fd = -1;
+	self->page_size = sysconf(_SC_PAGESIZE);
+	hmm_dev_path(path, sizeof(path), variant->device);
+	if (variant->coherent && access(path, F_OK))
+		SKIP(return, "no %s: load test_hmm with spm_addr_dev0/1", path);
+	self->fd = hmm_open(variant->device);
+	ASSERT_LE(0, self->fd);
+	if (hmm_advise(self->fd, NULL, 1, HMM_DMIRROR_LOC_NONE, 0, 0) ==
+	    -ENOTTY)
+		SKIP(return, "the driver has no placement advice");
+	ASSERT_EQ(0, hmm_place_settings(self->fd, HMM_PLACE_LIMIT_MB, 0));
+	ASSERT_EQ(0, hmm_stats_reset(self->fd));
+}
+
+FIXTURE_TEARDOWN_PARENT(placement)
+{
+	int fd = hmm_open(variant->device);
+
+	if (fd < 0)
+		return;
+	/* Braced: a failed test leaves the harness's trigger set. */
+	if (hmm_advise(fd, NULL, 1, HMM_DMIRROR_LOC_NONE, 0, 0) != -ENOTTY) {
+		EXPECT_EQ(0, hmm_place_settings(fd, 0, 0))
+			TH_LOG("could not put device %d's settings back",
+			       variant->device);
+	}
+	hmm_ioctl(fd, HMM_DMIRROR_RELEASE, NULL);
+	close(fd);
+}
+
+/* HMM_DMIRROR_GET_ADVICE of @addr: 0 or -errno, the advice in *@a. */
+static int hmm_get_advice(int fd, void *addr, struct hmm_dmirror_advice *a)
+{
+	memset(a, 0xa5, sizeof(*a));
+	a->addr = (uintptr_t)addr;
+	return hmm_ioctl(fd, HMM_DMIRROR_GET_ADVICE, a);
+}
+
+/*
+ * Assert that the advice of @at is the range [@first, @first + @n pages)
+ * with location @loc, policy @pol and granule shift @sh.
+ */
+#define ASSERT_ADVICE(fd, at, first, n, loc, pol, sh) do {		\
+	struct hmm_dmirror_advice __a;					\
+	ASSERT_EQ(0, hmm_get_advice(fd, at, &__a));			\
+	ASSERT_EQ((uintptr_t)(first), __a.addr);			\
+	ASSERT_EQ((__u64)(n), __a.npages);				\
+	ASSERT_EQ((__u32)(loc), __a.location);				\
+	ASSERT_EQ((__u32)(pol), __a.policy);				\
+	ASSERT_EQ((__u32)(sh), __a.granule_shift);			\
+	ASSERT_EQ(0U, __a.reserved);					\
+} while (0)
+
+/*
+ * Advice reads back as given; advice over part of a range replaces it
+ * there and leaves the rest; clearing and munmap() drop it.
+ */
+TEST_F(placement, advise_round_trip)
+{
+	const __u32 dev = HMM_DMIRROR_LOC_DEVICE, sys = HMM_DMIRROR_LOC_SYSTEM;
+	const __u32 mig = HMM_DMIRROR_FAULT_MIGRATE, map = HMM_DMIRROR_FAULT_MAP;
+	size_t ps = self->page_size;
+	struct hmm_dmirror_advice a;
+	struct hmm_buffer b;
+	char *p;
+
+	ASSERT_BUFFER_MAP(&b, HMM_ANON, 64, 0);
+	p = b.ptr;
+	ASSERT_EQ(-ENOENT, hmm_get_advice(self->fd, p, &a));
+	ASSERT_EQ(0, hmm_advise(self->fd, p, 64, dev, mig, HMM_SHIFT_2M));
+	ASSERT_ADVICE(self->fd, p + 10 * ps, p, 64, dev, mig, HMM_SHIFT_2M);
+
+	/* A hole in the middle: three ranges. */
+	ASSERT_EQ(0, hmm_advise(self->fd, p + 16 * ps, 16, sys, map,
+				HMM_SHIFT_4K));
+	ASSERT_ADVICE(self->fd, p, p, 16, dev, mig, HMM_SHIFT_2M);
+	ASSERT_ADVICE(self->fd, p + 20 * ps, p + 16 * ps, 16, sys, map,
+		      HMM_SHIFT_4K);
+	ASSERT_ADVICE(self->fd, p + 63 * ps, p + 32 * ps, 32, dev, mig,
+		      HMM_SHIFT_2M);
+
+	/* Over the end of one and the start of the next. */
+	ASSERT_EQ(0, hmm_advise(self->fd, p + 8 * ps, 16,
+				HMM_DMIRROR_LOC_AUTO, mig, HMM_SHIFT_4K));
+	ASSERT_ADVICE(self->fd, p, p, 8, dev, mig, HMM_SHIFT_2M);
+	ASSERT_ADVICE(self->fd, p + 8 * ps, p + 8 * ps, 16,
+		      HMM_DMIRROR_LOC_AUTO, mig, HMM_SHIFT_4K);
+	ASSERT_ADVICE(self->fd, p + 24 * ps, p + 24 * ps, 8, sys, map,
+		      HMM_SHIFT_4K);
+
+	/* Cleared, and unmapped. */
+	ASSERT_EQ(0, hmm_advise(self->fd, p, 8, HMM_DMIRROR_LOC_NONE, 0, 0));
+	ASSERT_EQ(-ENOENT, hmm_get_advice(self->fd, p, &a));
+	ASSERT_EQ(0, munmap(p + 40 * ps, 8 * ps));
+	ASSERT_EQ(-ENOENT, hmm_get_advice(self->fd, p + 40 * ps, &a));
+	ASSERT_ADVICE(self->fd, p + 32 * ps, p + 32 * ps, 8, dev, mig,
+		      HMM_SHIFT_2M);
+	ASSERT_ADVICE(self->fd, p + 48 * ps, p + 48 * ps, 16, dev, mig,
+		      HMM_SHIFT_2M);
+
+	/* Another file's mirror has advice of its own. */
+	{
+		int fd = hmm_open(variant->device);
+
+		ASSERT_LE(0, fd);
+		ASSERT_EQ(-ENOENT, hmm_get_advice(fd, p + 50 * ps, &a));
+		close(fd);
+	}
+	hmm_buffer_free(&b);
+}
+
+/* Malformed advice: each row one thing wrong. */
+static const struct {
+	const char	*what;
+	__u64		addr_off;	/* from a valid address */
+	__u64		npages;
+	__u32		location, policy, shift, reserved;
+	int		err;
+} hmm_bad_advice[] = {
+	{ "unaligned", 1, 1, 2, 0, 12, 0, EINVAL },
+	{ "empty", 0, 0, 2, 0, 12, 0, EINVAL },
+	{ "wrapping", 0, ~0ULL >> 12, 2, 0, 12, 0, EINVAL },
+	{ "unknown location", 0, 1, 4, 0, 12, 0, EINVAL },
+	{ "unknown policy", 0, 1, 2, 2, 12, 0, EINVAL },
+	{ "bad granule", 0, 1, 2, 0, 13, 0, EINVAL },
+	{ "no granule", 0, 1, 2, 0, 0, 0, EINVAL },
+	{ "reserved", 0, 1, 2, 0, 12, 1, EINVAL },
+	{ "clear with a policy", 0, 1, 0, 1, 0, 0, EINVAL },
+	{ "clear with a granule", 0, 1, 0, 0, 12, 0, EINVAL },
+};
+
+TEST_F(placement, advise_bad)
+{
+	struct hmm_dmirror_advice a;
+	struct hmm_buffer b;
+	unsigned int i;
+
+	ASSERT_BUFFER_MAP(&b, HMM_ANON, 4, 0);
+	for (i = 0; i < ARRAY_SIZE(hmm_bad_advice); i++) {
+		memset(&a, 0, sizeof(a));
+		a.addr = (uintptr_t)b.ptr + hmm_bad_advice[i].addr_off;
+		a.npages = hmm_bad_advice[i].npages;
+		a.location = hmm_bad_advice[i].location;
+		a.policy = hmm_bad_advice[i].policy;
+		a.granule_shift = hmm_bad_advice[i].shift;
+		a.reserved = hmm_bad_advice[i].reserved;
+		EXPECT_EQ(-hmm_bad_advice[i].err,
+			  hmm_ioctl(self->fd, HMM_DMIRROR_ADVISE, &a))
+			TH_LOG("%s", hmm_bad_advice[i].what);
+	}
+	EXPECT_EQ(-EFAULT, hmm_ioctl(self->fd, HMM_DMIRROR_ADVISE, NULL));
+	EXPECT_EQ(-EFAULT, hmm_ioctl(self->fd, HMM_DMIRROR_GET_ADVICE, NULL));
+	memset(&a, 0, sizeof(a));
+	a.addr = ~0ULL & ~4095ULL;
+	EXPECT_EQ(-EINVAL, hmm_ioctl(self->fd, HMM_DMIRROR_GET_ADVICE, &a));
+	/* Nothing was advised by the bad requests. */
+	EXPECT_EQ(-ENOENT, hmm_get_advice(self->fd, b.ptr, &a));
+	hmm_buffer_free(&b);
+}
+
+/* One row of the advised-fault table. */
+struct hmm_place_case {
+	enum hmm_backing backing;
+	bool	on_device;	/* migrated to the device first */
+	__u32	location, policy, shift;
+	bool	to_device;	/* the read leaves the pages on the device */
+};
+
+/*
+ * A device read of a buffer under advice: where the pages end up, what
+ * the device read, and how many pages the faults migrated.
+ */
+static void hmm_place_run(struct __test_metadata *_metadata, int fd,
+			  bool coherent, const struct hmm_place_case *c)
+{
+	unsigned char pmd = c->backing == HMM_THP && c->shift == HMM_SHIFT_2M ?
+			    HMM_DMIRROR_PROT_PMD : 0;
+	unsigned char want = HMM_DMIRROR_PROT_WRITE | pmd;
+	struct hmm_dmirror_stats stats;
+	struct hmm_dmirror_cmd cmd;
+	struct hmm_buffer b;
+	__u64 moved;
+
+	if (coherent && c->backing == HMM_THP && c->on_device &&
+	    c->location == HMM_DMIRROR_LOC_SYSTEM)
+		SKIP(return, "%s", HMM_BUG_COHERENT_THP_TO_SYS);
+	if (!hmm_buffer_get(_metadata, &b, c->backing, HMM_NPAGES, 0x9a1))
+		return;
+	if (c->on_device)
+		ASSERT_CMD_ALL(fd, HMM_DMIRROR_MIGRATE_TO_DEV, b.ptr, b.mirror,
+			       b.npages, &cmd);
+	ASSERT_EQ(0, hmm_stats_reset(fd));
+	ASSERT_EQ(0, hmm_advise(fd, b.ptr, b.npages, c->location, c->policy,
+				c->shift));
+
+	ASSERT_DEV_READ(fd, HMM_DMIRROR_READ, &b, 0x9a1, &cmd);
+	if (c->to_device)
+		want |= hmm_local(coherent);
+	ASSERT_SNAPSHOT(fd, b.ptr, b.npages, b.snap, want);
+	ASSERT_EQ(0, hmm_stats(fd, &stats));
+	moved = c->on_device == c->to_device ? 0 : b.npages;
+	EXPECT_EQ(moved, stats.migrate_on_fault);
+	EXPECT_EQ(0ULL, stats.fault_fallbacks);
+	ASSERT_EQ(-1, hmm_check(b.ptr, b.size, 0x9a1));
+	hmm_buffer_free(&b);
+}
+
+/*
+ * HMM_PLACE_TEST() - the test @name of the placement fixture: a buffer of
+ * @backing, in device memory first if @on_device, advised (location
+ * HMM_DMIRROR_LOC_@loc, policy HMM_DMIRROR_FAULT_@pol, granule
+ * HMM_SHIFT_@gran) and read by the device, which leaves it in device memory
+ * if @to_device, else in system memory. A new case is one line.
+ */
+#define HMM_PLACE_TEST(name, backing, on_device, loc, pol, gran, to_device) \
+	static const struct hmm_place_case hmm_place_##name = {		\
+		backing, on_device, HMM_DMIRROR_LOC_##loc,		\
+		HMM_DMIRROR_FAULT_##pol, HMM_SHIFT_##gran, to_device	\
+	};								\
+	TEST_F(placement, name)						\
+	{								\
+		hmm_place_run(_metadata, self->fd, variant->coherent,	\
+			      &hmm_place_##name);			\
+	}
+
+HMM_PLACE_TEST(advise_fault_device_4k, HMM_ANON, false, DEVICE, MIGRATE, 4K, true)
+HMM_PLACE_TEST(advise_fault_device_thp, HMM_THP, false, DEVICE, MIGRATE, 2M, true)
+HMM_PLACE_TEST(advise_fault_auto, HMM_ANON, false, AUTO, MIGRATE, 2M, true)
+HMM_PLACE_TEST(advise_fault_map, HMM_ANON, false, DEVICE, MAP, 2M, false)
+HMM_PLACE_TEST(advise_fault_system_map, HMM_ANON, false, SYSTEM, MAP, 4K, false)
+HMM_PLACE_TEST(advise_fault_system_migrate, HMM_ANON, true, SYSTEM, MIGRATE, 2M, false)
+HMM_PLACE_TEST(advise_fault_system_migrate_thp, HMM_THP, true, SYSTEM, MIGRATE, 2M, false)
+
+/* Map @npages pages aligned to 2 MiB, THP or not, filled with @seed. */
+static char *hmm_place_map(__u64 npages, size_t ps, bool thp, __u32 seed)
+{
+	size_t size = npages * ps;
+	char *p = hmm_map_aligned(size, 2UL << 20);
+
+	if (!p)
+		return NULL;
+	madvise(p, size, thp ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+	hmm_fill(p, size, seed);
+	return p;
+}
+
+/*
+ * A working set twice the device memory cap, advised to the device, read
+ * through the device HMM_PLACE_ROUNDS times: every read is right, device
+ * memory is evicted to make room, never ENOMEM, and the device never holds
+ * more than its cap.
+ */
+static void hmm_place_stream(struct __test_metadata *_metadata, int fd,
+			     size_t ps, bool thp)
+{
+	const __u64 npages = HMM_PLACE_NPAGES;
+	__u32 shift = thp ? HMM_SHIFT_2M : HMM_SHIFT_4K;
+	struct hmm_dmirror_stats stats;
+	struct hmm_dmirror_cmd cmd;
+	unsigned char *snap;
+	char *p, *mirror;
+	__u64 i, local = 0;
+	int round;
+
+	p = hmm_place_map(npages, ps, thp, 0x9a2);
+	mirror = malloc(npages * ps);
+	snap = malloc(npages);
+	ASSERT_TRUE(p && mirror && snap);
+	ASSERT_EQ(0, hmm_advise(fd, p, npages, HMM_DMIRROR_LOC_DEVICE,
+				HMM_DMIRROR_FAULT_MIGRATE, shift));
+	for (round = 0; round < HMM_PLACE_ROUNDS; round++) {
+		memset(mirror, 0, npages * ps);
+		ASSERT_EQ(0, hmm_cmd(fd, HMM_DMIRROR_READ, p, mirror, npages,
+				     &cmd)) TH_LOG("round %d", round);
+		ASSERT_EQ(-1, hmm_check(mirror, npages * ps, 0x9a2))
+			TH_LOG("round %d", round);
+	}
+	ASSERT_EQ(0, hmm_stats(fd, &stats));
+	TH_LOG("%llu pages migrated on fault, %llu evictions (%llu pages), %llu fallbacks",
+	       stats.migrate_on_fault, stats.evictions, stats.pages_evicted,
+	       stats.fault_fallbacks);
+	ASSERT_LE(npages, stats.migrate_on_fault);
+	ASSERT_LE(npages / 2, stats.pages_evicted);
+	ASSERT_LT(0ULL, stats.evictions);
+	ASSERT_EQ(0, hmm_cmd(fd, HMM_DMIRROR_SNAPSHOT, p, snap, npages, &cmd));
+	for (i = 0; i < npages; i++)
+		local += !!(snap[i] & (HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL |
+				       HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL));
+	ASSERT_GE(npages / 2, local) TH_LOG("more than the cap on the device");
+	ASSERT_EQ(-1, hmm_check(p, npages * ps, 0x9a2));
+	free(snap);
+	free(mirror);
+	munmap(p, npages * ps);
+}
+
+TEST_F(placement, evict_stream_4k)
+{
+	hmm_place_stream(_metadata, self->fd, self->page_size, false);
+}
+
+TEST_F(placement, evict_stream_thp)
+{
+	hmm_place_stream(_metadata, self->fd, self->page_size, true);
+}
+
+/*
+ * Two mirrors of one device: what the first brought in and the second
+ * maps is evicted when the first needs room, and the second then reads
+ * the data from system memory.
+ */
+TEST_F(placement, evict_other_mirror)
+{
+	const __u64 npages = (HMM_PLACE_LIMIT_MB << 20) / 4096;
+	struct hmm_dmirror_stats before, after;
+	struct hmm_dmirror_cmd cmd;
+	struct hmm_buffer a, b;
+	int fd2;
+
+	/* The stats are the device's: both mirrors count in them. */
+
+	ASSERT_BUFFER_MAP(&a, HMM_LEAF, npages, 0x9a3);
+	ASSERT_BUFFER_MAP(&b, HMM_LEAF, npages, 0x9a4);
+	fd2 = hmm_open(variant->device);
+	ASSERT_LE(0, fd2);
+	ASSERT_EQ(0, hmm_advise(self->fd, a.ptr, npages,
+				HMM_DMIRROR_LOC_DEVICE,
+				HMM_DMIRROR_FAULT_MIGRATE, HMM_SHIFT_2M));
+	ASSERT_EQ(0, hmm_advise(self->fd, b.ptr, npages,
+				HMM_DMIRROR_LOC_DEVICE,
+				HMM_DMIRROR_FAULT_MIGRATE, HMM_SHIFT_2M));
+	ASSERT_DEV_READ(self->fd, HMM_DMIRROR_READ, &a, 0x9a3, &cmd);
+	ASSERT_SNAPSHOT(fd2, a.ptr, a.npages, a.snap,
+			hmm_local(variant->coherent) | HMM_DMIRROR_PROT_WRITE);
+	ASSERT_DEV_READ(fd2, HMM_DMIRROR_READ, &a, 0x9a3, &cmd);
+	ASSERT_EQ(0, hmm_stats(fd2, &before));
+
+	ASSERT_DEV_READ(self->fd, HMM_DMIRROR_READ, &b, 0x9a4, &cmd);
+	ASSERT_EQ(0, hmm_stats(fd2, &after));
+	ASSERT_LE(npages, after.pages_evicted - before.pages_evicted);
+	ASSERT_SNAPSHOT(fd2, a.ptr, a.npages, a.snap, HMM_DMIRROR_PROT_WRITE);
+	ASSERT_DEV_READ(fd2, HMM_DMIRROR_READ, &a, 0x9a3, &cmd);
+	ASSERT_EQ(1ULL, cmd.faults) TH_LOG("the second mirror kept its PTEs");
+	close(fd2);
+	hmm_buffer_free(&b);
+	hmm_buffer_free(&a);
+}
+
+/* The CPU thread of evict_cpu_race, and what it found. */
+struct hmm_place_cpu {
+	pthread_t	thread;
+	const char	*p;
+	const char	*ref;	/* what p holds */
+	__u64		npages;
+	size_t		page_size;
+	bool		stop;	/* atomic */
+	long		bad;	/* offset of wrong data, or -1 */
+	unsigned long	reads;
+};
+
+/* Read pages all over the buffer, bringing them back from the device. */
+static void *hmm_place_cpu_fn(void *arg)
+{
+	struct hmm_place_cpu *c = arg;
+	unsigned int seed = 1;
+
+	while (!__atomic_load_n(&c->stop, __ATOMIC_RELAXED) && c->bad < 0) {
+		size_t off = (rand_r(&seed) % c->npages) * c->page_size;
+
+		if (memcmp(c->p + off, c->ref + off, c->page_size))
+			c->bad = off;
+		c->reads++;
+	}
+	return NULL;
+}
+
+/*
+ * The device streams a working set twice its cap while a CPU thread reads
+ * pages at random, taking them back from the device under the eviction:
+ * every read of either is right.
+ */
+TEST_F_TIMEOUT(placement, evict_cpu_race, HMM_SLOW_TIMEOUT)
+{
+	const __u64 npages = HMM_PLACE_NPAGES;
+	size_t ps = self->page_size;
+	struct hmm_place_cpu c = {
+		.npages = npages, .page_size = ps, .bad = -1,
+	};
+	struct hmm_dmirror_cmd cmd;
+	char *p, *mirror, *ref;
+	int round, ret = 0;
+
+	p = hmm_place_map(npages, ps, false, 0x9a5);
+	mirror = malloc(npages * ps);
+	ref = malloc(npages * ps);
+	ASSERT_TRUE(p && mirror && ref);
+	hmm_fill(ref, npages * ps, 0x9a5);
+	c.ref = ref;
+	ASSERT_EQ(0, hmm_advise(self->fd, p, npages, HMM_DMIRROR_LOC_DEVICE,
+				HMM_DMIRROR_FAULT_MIGRATE, HMM_SHIFT_2M));
+	c.p = p;
+	ASSERT_EQ(0, pthread_create(&c.thread, NULL, hmm_place_cpu_fn, &c));
+	for (round = 0; round < HMM_PLACE_ROUNDS * 2 && !ret; round++) {
+		memset(mirror, 0, npages * ps);
+		ret = hmm_cmd(self->fd, HMM_DMIRROR_READ, p, mirror, npages,
+			      &cmd);
+		if (!ret && hmm_check(mirror, npages * ps, 0x9a5) >= 0)
+			ret = 1;
+	}
+	__atomic_store_n(&c.stop, true, __ATOMIC_RELAXED);
+	ASSERT_EQ(0, pthread_join(c.thread, NULL));
+	ASSERT_EQ(0, ret) TH_LOG("device read in round %d", round);
+	ASSERT_EQ(-1, c.bad) TH_LOG("the CPU read wrong data");
+	TH_LOG("%lu CPU reads during %d device rounds", c.reads, round);
+	free(ref);
+	free(mirror);
+	munmap(p, npages * ps);
+}
+
+/*
+ * Pages pinned long-term cannot move: the device faults under advice to
+ * migrate them map them where they are (counted as fallbacks), and a
+ * stream through the device's memory beside them leaves the pin holding
+ * the pages the CPU writes.
+ */
+TEST_F(placement, evict_pinned)
+{
+	struct pin_longterm_test pin = { 0 };
+	struct hmm_dmirror_stats stats;
+	struct hmm_dmirror_cmd cmd;
+	struct hmm_buffer b, w;
+	char *pinned;
+	__u64 uaddr;
+	int gup_fd;
+
+	gup_fd = open(HMM_GUP_TEST, O_RDWR | O_CLOEXEC);
+	if (gup_fd < 0)
+		SKIP(return, "no %s (CONFIG_GUP_TEST, debugfs): %s",
+		     HMM_GUP_TEST, strerror(errno));
+	ASSERT_BUFFER_MAP(&b, HMM_ANON, HMM_SMALL_NPAGES, 0x9a6);
+	ASSERT_BUFFER_MAP(&w, HMM_LEAF, HMM_PLACE_NPAGES, 0x9a7);
+	pinned = malloc(b.size);
+	ASSERT_NE(NULL, pinned);
+	uaddr = (uintptr_t)pinned;
+	pin.addr = (uintptr_t)b.ptr;
+	pin.size = b.size;
+	pin.flags = PIN_LONGTERM_TEST_FLAG_USE_WRITE;
+	ASSERT_EQ(0, ioctl(gup_fd, PIN_LONGTERM_TEST_START, &pin))
+		TH_LOG("PIN_LONGTERM_TEST_START: %s", strerror(errno));
+
+	ASSERT_EQ(0, hmm_advise(self->fd, b.ptr, b.npages,
+				HMM_DMIRROR_LOC_DEVICE,
+				HMM_DMIRROR_FAULT_MIGRATE, HMM_SHIFT_4K));
+	ASSERT_EQ(0, hmm_advise(self->fd, w.ptr, w.npages,
+				HMM_DMIRROR_LOC_DEVICE,
+				HMM_DMIRROR_FAULT_MIGRATE, HMM_SHIFT_2M));
+	ASSERT_DEV_READ(self->fd, HMM_DMIRROR_READ, &b, 0x9a6, &cmd);
+	ASSERT_EQ(0, hmm_stats(self->fd, &stats));
+	ASSERT_EQ(b.npages, stats.fault_fallbacks);
+	ASSERT_SNAPSHOT(self->fd, b.ptr, b.npages, b.snap,
+			HMM_DMIRROR_PROT_WRITE) TH_LOG("a pinned page moved");
+	ASSERT_DEV_READ(self->fd, HMM_DMIRROR_READ, &w, 0x9a7, &cmd);
+
+	hmm_fill(b.ptr, b.size, 0x9a8);
+	ASSERT_EQ(0, ioctl(gup_fd, PIN_LONGTERM_TEST_READ, &uaddr));
+	ASSERT_EQ(-1, hmm_check(pinned, b.size, 0x9a8))
+		TH_LOG("the pin does not hold the pages the CPU writes");
+	ASSERT_EQ(0, ioctl(gup_fd, PIN_LONGTERM_TEST_STOP));
+	free(pinned);
+	hmm_buffer_free(&w);
+	hmm_buffer_free(&b);
+	close(gup_fd);
+}
+
+/*
+ * With a timeslice, a CPU fault right after a migration waits for the end
+ * of the slice before it takes the page back (the driver counts the wait,
+ * and the time from before the migration to after the fault is at least
+ * the slice, less a tick); a fault after the slice does not wait.
+ */
+TEST_F(placement, timeslice_cpu_fault)
+{
+	struct hmm_dmirror_stats stats;
+	struct hmm_dmirror_cmd cmd;
+	struct hmm_buffer b;
+	__u64 t0, ms;
+
+	if (variant->coherent)
+		SKIP(return, "the CPU reads device-coherent memory without a fault");
+	ASSERT_EQ(0, hmm_place_settings(self->fd, 0, HMM_TIMESLICE_MS));
+	ASSERT_BUFFER_MAP(&b, HMM_ANON, 2, 0x9a9);
+	t0 = hmm_now_ns();
+	ASSERT_CMD_ALL(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, b.ptr, b.mirror,
+		       b.npages, &cmd);
+	ASSERT_EQ(0, hmm_stats_reset(self->fd));
+
+	ASSERT_EQ(-1, hmm_check(b.ptr, b.page_size, 0x9a9));
+	ms = (hmm_now_ns() - t0) / 1000000;
+	ASSERT_EQ(0, hmm_stats(self->fd, &stats));
+	ASSERT_EQ(1ULL, stats.timeslice_waits);
+	ASSERT_LE((__u64)HMM_TIMESLICE_MS - 10, ms)
+		TH_LOG("the CPU took the page back after %llu ms", ms);
+
+	ASSERT_EQ(-1, hmm_check(b.ptr, b.size, 0x9a9));
+	ASSERT_EQ(0, hmm_stats(self->fd, &stats));
+	ASSERT_EQ(1ULL, stats.timeslice_waits) TH_LOG("waited after the slice");
+	ASSERT_SNAPSHOT(self->fd, b.ptr, b.npages, b.snap,
+			HMM_DMIRROR_PROT_WRITE);
+	TH_LOG("the first CPU fault returned %llu ms after the migration", ms);
+	hmm_buffer_free(&b);
+}
+
 TEST_HARNESS_MAIN
 
