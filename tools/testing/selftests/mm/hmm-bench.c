@@ -18,7 +18,11 @@
  * the same program measures the kernel's own test_hmm driver too. Then,
  * with the interconnect groups test_hmm.sh sets up, migration from one
  * device's memory to another's: directly within a group (one copy) and
- * through system memory between groups (two).
+ * through system memory between groups (two). Then oversubscription: a
+ * working set of 1, 2 and 4 times a device memory cap, advised to the
+ * device and read by it in 2 MiB steps, in order and at random, so that
+ * device faults migrate it in and evict the least recently used memory
+ * (the same order every pass is LRU's worst case: every step misses).
  *
  * Usage: hmm-bench [-M] [-l latency_us]... [-r runs]   (root, test_hmm loaded)
  * -M: migration only.
@@ -373,6 +377,128 @@ out:
 	return ret ? 1 : 0;
 }
 
+/* ------------------------------------------------------------------------
+ * Oversubscription
+ */
+
+#define OVER_CAP_MB		16
+#define OVER_PASSES		2
+#define OVER_STEP		MIG_THP_SIZE
+
+static const int over_factors[] = { 1, 2, 4 };
+
+/* Set device @fd's memory limit: 0 or -errno. */
+static int over_limit(int fd, __u32 limit_mb)
+{
+	struct hmm_dmirror_settings set;
+
+	if (ioctl(fd, HMM_DMIRROR_GET_SETTINGS, &set))
+		return -errno;
+	set.memory_limit_mb = limit_mb;
+	return ioctl(fd, HMM_DMIRROR_SET_SETTINGS, &set) ? -errno : 0;
+}
+
+/*
+ * OVER_PASSES passes of device reads over @size bytes advised to the
+ * device, in OVER_STEP steps, in order or in a fixed random order: MiB/s
+ * read into *@mibps, evictions per MiB read into *@evictions.
+ */
+static int over_measure(int fd, size_t size, int shuffle, double *mibps,
+			double *evictions)
+{
+	unsigned long nsteps = size / OVER_STEP, i, j, *order;
+	struct hmm_dmirror_advice advice = {
+		.npages = size / getpagesize(),
+		.location = HMM_DMIRROR_LOC_DEVICE,
+		.policy = HMM_DMIRROR_FAULT_MIGRATE,
+		.granule_shift = 21,
+	};
+	struct hmm_dmirror_stats stats;
+	char *mirror = malloc(OVER_STEP);
+	unsigned int seed = 1;
+	int pass, ret = 0;
+	double t0, mib;
+	void *raw;
+	char *buf;
+
+	order = calloc(nsteps, sizeof(*order));
+	if (!mirror || !order)
+		exit(1);
+	for (i = 0; i < nsteps; i++)
+		order[i] = i;
+	buf = mig_map(size, 1, &raw);
+	advice.addr = (__u64)(unsigned long)buf;
+	if (ioctl(fd, HMM_DMIRROR_ADVISE, &advice) ||
+	    ioctl(fd, HMM_DMIRROR_STATS_RESET))
+		ret = -errno;
+	t0 = bench_now_us();
+	for (pass = 0; pass < OVER_PASSES && !ret; pass++) {
+		/* A new random order each pass (Fisher-Yates). */
+		for (i = nsteps - 1; shuffle && i > 0; i--) {
+			unsigned long t = order[i];
+
+			j = rand_r(&seed) % (i + 1);
+			order[i] = order[j];
+			order[j] = t;
+		}
+		for (i = 0; i < nsteps && !ret; i++)
+			ret = mig_cmd(fd, HMM_DMIRROR_READ,
+				      buf + order[i] * OVER_STEP, mirror,
+				      OVER_STEP / getpagesize());
+	}
+	mib = OVER_PASSES * size / 1048576.0;
+	*mibps = mib / ((bench_now_us() - t0) / 1e6);
+	if (!ret && ioctl(fd, HMM_DMIRROR_STATS, &stats))
+		ret = -errno;
+	*evictions = ret ? 0 : stats.evictions / mib;
+	ioctl(fd, HMM_DMIRROR_RELEASE, NULL);
+	munmap(raw, size + MIG_THP_SIZE);
+	free(order);
+	free(mirror);
+	return ret;
+}
+
+/* The oversubscription table, if the driver has placement advice. */
+static int over_table(void)
+{
+	int fd = open("/dev/hmm_dmirror0", O_RDWR | O_CLOEXEC);
+	unsigned int i;
+	int shuffle, ret = 0;
+
+	if (fd < 0 || over_limit(fd, OVER_CAP_MB)) {
+		printf("# oversubscription skipped: no memory limit setting\n");
+		if (fd >= 0)
+			close(fd);
+		return 0;
+	}
+	printf("# oversubscription: device memory capped at %d MiB, ",
+	       OVER_CAP_MB);
+	printf("advised to the device, %d passes of device reads in 2 MiB steps\n",
+	       OVER_PASSES);
+	printf("# %8s %8s %10s %14s\n", "set/cap", "order", "MiB/s",
+	       "evictions/MiB");
+	for (i = 0; i < ARRAY_SIZE(over_factors) && !ret; i++) {
+		for (shuffle = 0; shuffle < 2 && !ret; shuffle++) {
+			size_t size = (size_t)over_factors[i] * OVER_CAP_MB << 20;
+			double mibps, evictions;
+
+			ret = over_measure(fd, size, shuffle, &mibps,
+					   &evictions);
+			if (ret)
+				printf("# %8d failed: %s\n", over_factors[i],
+				       strerror(-ret));
+			else
+				printf("# %8d %8s %10.0f %14.2f\n",
+				       over_factors[i],
+				       shuffle ? "random" : "in order", mibps,
+				       evictions);
+		}
+	}
+	over_limit(fd, 0);
+	close(fd);
+	return ret ? 1 : 0;
+}
+
 /* One table: every device count at flush latency @latency_us. */
 static void bench_table(unsigned long latency_us, int runs)
 {
@@ -436,7 +562,7 @@ int main(int argc, char **argv)
 		return 1;
 	if (migration_only)
 		return 0;
-	if (peer_table())
+	if (peer_table() || over_table())
 		return 1;
 
 	/* The kernel's own driver has no invalidation settings. */
