@@ -110,9 +110,9 @@
  * before mapping it, or maps the memory where it is. Device memory can be
  * capped (memory_limit_mb); a migration that finds none free evicts the
  * least recently used 2 MiB block of the device's memory, whoever maps it,
- * with migrate_device_range(), never what it brought in itself. A timeslice
- * keeps migrated pages on the device for a while before a CPU fault takes
- * them back, as drm_pagemap does against thrashing.
+ * with migrate_device_range(), never what the same migration brought in. A
+ * timeslice keeps migrated pages on the device for a while before a CPU
+ * fault takes them back, as drm_pagemap does against thrashing.
  *
  * Migration. HMM_DMIRROR_MIGRATE_TO_DEV and _TO_SYS move memory with
  * migrate_vma_setup() / _pages() / _finalize(), large folios as large folios
@@ -178,7 +178,9 @@
  * &dmirror.advice_mutex serialises HMM_DMIRROR_ADVISE, which inserts the
  * advice watch; &dmirror.advice_lock (a spinlock) protects the advice tree
  * and is taken, alone, in the watch's callback, which may not sleep: a
- * range an unmap cuts in two takes a node set aside beforehand.
+ * range an unmap cuts in two takes the node the last ADVISE set aside, or
+ * one allocated without sleeping; failing both, the part cut off loses its
+ * advice (dmirror_advice_punch()).
  *
  * Lock order, as the code nests them:
  *
@@ -684,8 +686,13 @@ static unsigned long dmirror_chunk_block(const struct dmirror_chunk *chunk,
  */
 static void dmirror_block_touch(struct dmirror_chunk *chunk, unsigned long pfn)
 {
-	WRITE_ONCE(chunk->block_used[dmirror_chunk_block(chunk, pfn)],
-		   atomic64_inc_return(&chunk->mdevice->lru_clock));
+	u64 *used = &chunk->block_used[dmirror_chunk_block(chunk, pfn)];
+	u64 now = atomic64_inc_return(&chunk->mdevice->lru_clock);
+	u64 old = READ_ONCE(*used);
+
+	/* Racing touches: the newest stamp wins, never an older one. */
+	while (old < now && !try_cmpxchg64(used, &old, now))
+		;
 }
 
 /**
@@ -2445,6 +2452,8 @@ static bool dmirror_devmem_full(struct dmirror_device *mdevice,
 /**
  * dmirror_chunk_add() - give a device one more chunk of memory
  * @mdevice: device
+ * @order: of the allocation that needs it: no chunk is added for what the
+ *	device's memory limit would refuse anyway
  *
  * Device-private chunks take a free physical address range; the coherent
  * chunk is the range reserved at boot and passed as spm_addr_dev0/1.
@@ -2453,7 +2462,8 @@ static bool dmirror_devmem_full(struct dmirror_device *mdevice,
  * Return: 0, -ENOSPC when the device is at its size limit, or an error of
  * request_free_mem_region() or memremap_pages().
  */
-static int dmirror_chunk_add(struct dmirror_device *mdevice)
+static int dmirror_chunk_add(struct dmirror_device *mdevice,
+			     unsigned int order)
 {
 	unsigned long size = dmirror_is_private(mdevice) ?
 			     DMIRROR_CHUNK_SIZE : DMIRROR_COHERENT_SIZE;
@@ -2467,7 +2477,7 @@ static int dmirror_chunk_add(struct dmirror_device *mdevice)
 
 	lockdep_assert_held(&mdevice->chunk_lock);
 	if (list_count_nodes(&mdevice->chunks) >= max ||
-	    dmirror_devmem_full(mdevice, 1))
+	    dmirror_devmem_full(mdevice, 1UL << order))
 		return -ENOSPC;
 	if (dmirror_inject_failure())
 		return -ENOMEM;
@@ -2667,7 +2677,7 @@ static struct folio *dmirror_devmem_alloc(struct dmirror_device *mdevice,
 	if (!pfn) {
 		mutex_lock(&mdevice->chunk_lock);
 		pfn = dmirror_devmem_take(mdevice, order, &chunk);
-		if (!pfn && !dmirror_chunk_add(mdevice))
+		if (!pfn && !dmirror_chunk_add(mdevice, order))
 			pfn = dmirror_devmem_take(mdevice, order, &chunk);
 		mutex_unlock(&mdevice->chunk_lock);
 		if (!pfn)
@@ -3171,6 +3181,8 @@ static unsigned long dmirror_migrate_select(struct dmirror_device *mdevice,
  * @req: to the device: the pages of the batch to fault into system memory
  *	before running it again (dmirror_uncollected()); else NULL
  * @to_dev: direction
+ * @only: to system memory: move only the pages of this device (as
+ *	HMM_DMIRROR_MIGRATE_TO_SYS does), NULL for its peers' too
  * @evict_before: to the device: device memory last used before this
  *	&dmirror_device.lru_clock value may be evicted to make room; 0 for none
  * @out_of_memory: the device ran out of memory for a page
@@ -3181,6 +3193,7 @@ struct dmirror_migration {
 	struct migrate_vma args;
 	unsigned long *req;
 	bool to_dev;
+	struct dmirror_device *only;
 	u64 evict_before;
 	bool out_of_memory;
 	unsigned long moved;
@@ -3211,6 +3224,7 @@ static int dmirror_migration_init(struct dmirror_migration *mig,
 		return -ENOMEM;
 	mig->dmirror = dmirror;
 	mig->to_dev = to_dev;
+	mig->only = to_dev ? NULL : dmirror->mdevice;
 	mig->args.flags = dmirror_migrate_select(dmirror->mdevice, to_dev);
 	mig->args.src = pfns;
 	mig->args.dst = pfns + HPAGE_PMD_NR;
@@ -3335,11 +3349,13 @@ static struct folio *dmirror_migration_alloc(struct dmirror_migration *mig,
 					     unsigned int order)
 {
 	struct dmirror_device *mdevice = mig->dmirror->mdevice;
+	unsigned long limit = dmirror_devmem_limit(mdevice);
+	bool evict = mig->evict_before && (!limit || (1UL << order) <= limit);
 	struct folio *folio;
 	u64 tried = 0;
 
-	while (!(folio = dmirror_devmem_alloc(mdevice, order)) &&
-	       mig->evict_before &&
+	/* No eviction makes room for what the limit itself refuses. */
+	while (!(folio = dmirror_devmem_alloc(mdevice, order)) && evict &&
 	       dmirror_make_room(mdevice, mig->evict_before, &tried))
 		;
 	return folio;
@@ -3472,7 +3488,7 @@ static long dmirror_migrate_batch(struct dmirror_migration *mig,
 	memset(args->dst, 0, args->npages * sizeof(*args->dst));
 	if (mig->to_dev)
 		mig->out_of_memory |= dmirror_migrate_alloc_to_dev(mig);
-	else if (dmirror_migrate_alloc_to_sys(args, args->vma, mdevice,
+	else if (dmirror_migrate_alloc_to_sys(args, args->vma, mig->only,
 					      dmirror_fail_alloc(dmirror)))
 		ret = -ENOMEM;
 	migrate_vma_pages(args);
@@ -3536,15 +3552,45 @@ unlock:
  * struct dmirror_pull - pages a migration to the device brings in first
  * @dmirror: mirror
  * @range: the batch; its pfn array receives the output
- * @req: %HMM_PFN_REQ_FAULT for each page to bring in
+ * @req: %HMM_PFN_REQ_FAULT for each page to bring in; a page found present
+ *	where it is gets 0
  * @pulled: output, the pages now in system memory
  */
 struct dmirror_pull {
 	struct dmirror *dmirror;
 	struct hmm_range *range;
-	const unsigned long *req;
+	unsigned long *req;
 	unsigned long pulled;
 };
+
+/**
+ * dmirror_pull_look() - which pages a pull must fault in
+ * @arg: the &struct dmirror_pull
+ *
+ * Of the pages migrate_vma_setup() left out, those present where they are
+ * (pinned, locked, a large folio it could not split) need no fault: they
+ * are left to be mapped there. Looks without faulting, once, before the
+ * pull: a retry of the pull itself would find its own pages present.
+ *
+ * Return: 0, -EAGAIN after a collision, or the error of hmm_range_fault().
+ */
+static int dmirror_pull_look(void *arg)
+{
+	struct dmirror_pull *pull = arg;
+	struct hmm_range *range = pull->range;
+	unsigned long i, npages = (range->end - range->start) >> PAGE_SHIFT;
+	int ret;
+
+	range->pfn_flags_mask = 0;
+	ret = dmirror_range_fault_locked(range, NULL);
+	range->pfn_flags_mask = HMM_PFN_REQ_FAULT;
+	if (ret)
+		return ret == -EBUSY ? -EAGAIN : ret;
+	for (i = 0; i < npages; i++)
+		if (range->hmm_pfns[i] & HMM_PFN_VALID)
+			pull->req[i] = 0;
+	return 0;
+}
 
 /**
  * dmirror_pull_pass() - one attempt at bringing pages into system memory
@@ -3605,7 +3651,7 @@ static unsigned long dmirror_migrate_pull(struct dmirror_migration *mig)
 {
 	struct dmirror *dmirror = mig->dmirror;
 	struct migrate_vma *args = &mig->args;
-	const unsigned long *req = mig->req;
+	unsigned long *req = mig->req;
 	unsigned long i, npages = (args->end - args->start) >> PAGE_SHIFT;
 	struct hmm_range range = {
 		.start = args->start,
@@ -3629,7 +3675,11 @@ static unsigned long dmirror_migrate_pull(struct dmirror_migration *mig)
 	if (dmirror_watch_insert(&watch, dmirror, range.start, range.end))
 		return 0;
 	range.notifier = &watch.mni;
-	ret = dmirror_retry_collisions(dmirror_pull_pass, &pull, NULL);
+	ret = dmirror_retry_collisions(dmirror_pull_look, &pull, NULL);
+	for (i = 0; !ret && i < npages && !req[i]; i++)
+		;
+	if (!ret && i < npages)
+		ret = dmirror_retry_collisions(dmirror_pull_pass, &pull, NULL);
 	dmirror_watch_remove(&watch);
 	if (ret)
 		return 0;
@@ -3708,27 +3758,39 @@ static int dmirror_check_local(struct dmirror *dmirror,
 
 /**
  * dmirror_timeslice_wait() - let device pages stay for their timeslice
- * @page: device page a CPU fault wants back
+ * @vmf: CPU fault on a device page
  *
  * Pages a migration just brought into device memory stay there for the
  * device's timeslice (per block), so that memory the CPU and the device
  * both touch does not bounce between them on every access; drm_pagemap
  * does the same for GPUs. The CPU fault waits, killably, for the rest of
- * the slice, with the mmap lock and the page lock held as the fault
- * handler has them: the slice is short (at most
- * %HMM_DMIRROR_MAX_TIMESLICE_MS) and the wait is counted.
+ * the slice (at most %HMM_DMIRROR_MAX_TIMESLICE_MS), and the wait is
+ * counted. Where the fault may be retried it waits without the mmap lock
+ * (or the VMA lock) and has the fault retried; the page lock that the
+ * fault handler holds is kept, so nothing else moves the page meanwhile.
+ *
+ * Return: 0 to go on with the migration, or %VM_FAULT_RETRY with the fault
+ * lock released.
  */
-static void dmirror_timeslice_wait(struct page *page)
+static vm_fault_t dmirror_timeslice_wait(struct vm_fault *vmf)
 {
-	struct dmirror_chunk *chunk = dmirror_page_chunk(page);
-	unsigned long block = dmirror_chunk_block(chunk, page_to_pfn(page));
+	struct dmirror_chunk *chunk = dmirror_page_chunk(vmf->page);
+	unsigned long block = dmirror_chunk_block(chunk,
+						  page_to_pfn(vmf->page));
 	long left = (long)(READ_ONCE(chunk->block_until[block]) - jiffies);
 
 	if (left <= 0 ||
 	    left > msecs_to_jiffies(HMM_DMIRROR_MAX_TIMESLICE_MS))
-		return;
+		return 0;
 	atomic64_inc(dmirror_stat(chunk->mdevice, timeslice_waits));
+	if (!(vmf->flags & FAULT_FLAG_ALLOW_RETRY) ||
+	    (vmf->flags & FAULT_FLAG_RETRY_NOWAIT)) {
+		schedule_timeout_killable(left);
+		return 0;
+	}
+	release_fault_lock(vmf);
 	schedule_timeout_killable(left);
+	return VM_FAULT_RETRY;
 }
 
 /**
@@ -3742,7 +3804,7 @@ static void dmirror_timeslice_wait(struct page *page)
  * interconnect group when it is in one. Within the timeslice of the page's
  * block (dmirror_timeslice_wait()) the fault first waits for its end.
  *
- * Return: 0, VM_FAULT_OOM or VM_FAULT_SIGBUS.
+ * Return: 0, VM_FAULT_RETRY, VM_FAULT_OOM or VM_FAULT_SIGBUS.
  */
 static vm_fault_t dmirror_devmem_migrate_to_ram(struct vm_fault *vmf)
 {
@@ -3758,9 +3820,11 @@ static vm_fault_t dmirror_devmem_migrate_to_ram(struct vm_fault *vmf)
 			 (order ? MIGRATE_VMA_SELECT_COMPOUND : 0),
 		.fault_page = vmf->page,
 	};
-	vm_fault_t ret = 0;
+	vm_fault_t ret;
 
-	dmirror_timeslice_wait(vmf->page);
+	ret = dmirror_timeslice_wait(vmf);
+	if (ret)
+		return ret;
 	args.end = args.start + (PAGE_SIZE << order);
 	if (!dmirror_inject_failure()) {
 		args.src = kcalloc(nr, sizeof(*args.src), GFP_KERNEL);
@@ -4028,7 +4092,8 @@ static int dmirror_advice_check(const struct hmm_dmirror_advice *ua,
 /*
  * New advice applies from the next device fault: the device drops its
  * mappings of the range, as GPU drivers invalidate theirs when an madvise()
- * changes where a range should be.
+ * changes where a range should be. A fault already past its advice lookup
+ * may still map by the old advice; the next one follows the new.
  */
 static void dmirror_advice_apply(struct dmirror *dmirror,
 				 const struct dmirror_range *range)
@@ -4090,6 +4155,8 @@ static int dmirror_advise(struct dmirror *dmirror, const void __user *uarg)
 	ret = dmirror_advice_watch(dmirror);
 	if (!ret) {
 		spin_lock(&dmirror->advice_lock);
+		if (!dmirror->advice_spare)
+			swap(dmirror->advice_spare, spare);
 		dmirror_advice_punch(dmirror, range.start, range.end);
 		if (adv)
 			interval_tree_insert(&adv->it, &dmirror->advice);
@@ -4158,12 +4225,56 @@ static int dmirror_get_advice(struct dmirror *dmirror, void __user *uarg)
 	return copy_to_user(uarg, &ua, sizeof(ua)) ? -EFAULT : 0;
 }
 
-/* Is the page at @addr in the device's own memory? */
-static bool dmirror_is_local(struct dmirror *dmirror, unsigned long addr)
+/* Keeps the state of the one page a snapshot walk looked at. */
+static int dmirror_state_keep(void *arg, const u8 *states, unsigned long n)
 {
-	struct dmirror_range page = { addr, addr + PAGE_SIZE };
+	*(u8 *)arg = states[0];
+	return 0;
+}
 
-	return !dmirror_check_local(dmirror, &page);
+/*
+ * Where the page at @addr is, for placement: in the device's own memory
+ * (*@local), or in the memory of its pagemap owner, its own or a peer's
+ * (*@owned). Reads the CPU page table without faulting.
+ */
+static void dmirror_page_where(struct dmirror *dmirror, unsigned long addr,
+			       bool *local, bool *owned)
+{
+	const u8 where = (u8)~(HMM_DMIRROR_PROT_READ | HMM_DMIRROR_PROT_WRITE |
+			       HMM_DMIRROR_PROT_PMD | HMM_DMIRROR_PROT_PUD);
+	struct dmirror_range page = { addr, addr + PAGE_SIZE };
+	u8 state = HMM_DMIRROR_PROT_ERROR;
+
+	dmirror_snapshot_walk(dmirror, &page, dmirror_state_keep, &state);
+	*local = state != HMM_DMIRROR_PROT_ERROR &&
+		 ((state & where) == HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL ||
+		  (state & where) == HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL);
+	*owned = *local || (state != HMM_DMIRROR_PROT_ERROR &&
+			    (state & HMM_DMIRROR_PROT_INTERCONNECT));
+}
+
+/*
+ * The granule of advice @pl holding @addr, within the advised range and
+ * the VMA holding @addr. Return: false if there is no such VMA.
+ */
+static bool dmirror_granule(struct dmirror *dmirror, unsigned long addr,
+			    const struct dmirror_placement *pl,
+			    struct dmirror_range *granule)
+{
+	unsigned long base = ALIGN_DOWN(addr, 1UL << pl->shift);
+	struct vm_area_struct *vma;
+
+	granule->start = max(base, pl->start);
+	granule->end = min(base + (1UL << pl->shift), pl->end);
+	if (mmap_read_lock_killable(dmirror->mm))
+		return false;
+	vma = vma_lookup(dmirror->mm, addr);
+	if (vma) {
+		granule->start = max(granule->start, vma->vm_start);
+		granule->end = min(granule->end, vma->vm_end);
+	}
+	mmap_read_unlock(dmirror->mm);
+	return vma;
 }
 
 /**
@@ -4174,12 +4285,13 @@ static bool dmirror_is_local(struct dmirror *dmirror, unsigned long addr)
  *
  * What a GPU's fault handler does before it maps: look up the advice of the
  * range and, where it says migrate, move the granule holding @addr to the
- * preferred location if the page is not there yet. Into the device's memory
- * older device memory is evicted to make room when the location is the
- * device, not when the device decides (it then only takes free memory). A
- * page that cannot move is mapped where it is, and counted. The fault then
- * maps no further than the granule, so that the next granule faults, and
- * migrates, in turn.
+ * preferred location if the page is not there yet: into the device's
+ * memory, or out of device memory (the device's or a peer's) into system
+ * memory. Into the device's memory older device memory is evicted to make
+ * room when the location is the device, not when the device decides (it
+ * then only takes free memory). A page that cannot move to the device is
+ * mapped where it is, and counted. The fault then maps no further than the
+ * granule, so that the next granule faults, and migrates, in turn.
  *
  * Return: the end of what the fault may map: @end without migrate advice.
  */
@@ -4190,26 +4302,29 @@ static unsigned long dmirror_fault_place(struct dmirror *dmirror,
 	struct dmirror_migration mig;
 	struct dmirror_placement pl;
 	struct dmirror_range granule;
-	unsigned long base;
-	bool to_dev;
+	bool to_dev, local, owned;
 
 	if (!dmirror_advice_lookup(dmirror, addr, &pl) ||
-	    pl.policy != HMM_DMIRROR_FAULT_MIGRATE)
+	    pl.policy != HMM_DMIRROR_FAULT_MIGRATE ||
+	    !dmirror_granule(dmirror, addr, &pl, &granule))
 		return end;
-	base = ALIGN_DOWN(addr, 1UL << pl.shift);
-	granule.start = max(base, pl.start);
-	granule.end = min(base + (1UL << pl.shift), pl.end);
 	to_dev = pl.location != HMM_DMIRROR_LOC_SYSTEM;
-	if (dmirror_is_local(dmirror, addr) == to_dev ||
+	dmirror_page_where(dmirror, addr, &local, &owned);
+	if ((to_dev ? local : !owned) ||
 	    dmirror_migration_init(&mig, dmirror, to_dev,
 				   pl.location == HMM_DMIRROR_LOC_DEVICE))
 		return min(end, granule.end);
 
+	/* Out to system memory from a peer's memory too. */
+	mig.only = NULL;
 	dmirror_migrate_range(&mig, &granule);
 	dmirror_migration_fini(&mig);
 	atomic64_add(mig.moved, dmirror_stat(mdevice, migrate_on_fault));
-	if (to_dev && !dmirror_is_local(dmirror, addr))
-		atomic64_inc(dmirror_stat(mdevice, fault_fallbacks));
+	if (to_dev) {
+		dmirror_page_where(dmirror, addr, &local, &owned);
+		if (!local)
+			atomic64_inc(dmirror_stat(mdevice, fault_fallbacks));
+	}
 	return min(end, granule.end);
 }
 
@@ -4259,6 +4374,17 @@ static unsigned long dmirror_copy_mapped(struct dmirror *dmirror,
 	return (addr - start) >> PAGE_SHIFT;
 }
 
+/*
+ * How the device accesses memory (dmirror_access()): a write rather than a
+ * read; faulting with the mmap lock droppable (&struct dmirror_fault_batch);
+ * following placement advice on faults, as the device's own accesses do,
+ * but not the read-back of a migration or of exclusive access, which must
+ * find the pages where the request put them.
+ */
+#define DMIRROR_ACCESS_WRITE		BIT(0)
+#define DMIRROR_ACCESS_UNLOCKED		BIT(1)
+#define DMIRROR_ACCESS_ADVISED		BIT(2)
+
 /**
  * dmirror_access_batch() - device read or write of one batch
  * @dmirror: mirror
@@ -4266,17 +4392,16 @@ static unsigned long dmirror_copy_mapped(struct dmirror *dmirror,
  * @end: end of the batch
  * @req_end: end of the whole request, the device fault prefetch window
  * @bounce: data of the batch
- * @write: direction
- * @unlocked: see &struct dmirror_fault_batch
+ * @how: DMIRROR_ACCESS_*
  * @faults: incremented for every device fault taken
  *
  * Return: 0 or the error of dmirror_fault().
  */
 static int dmirror_access_batch(struct dmirror *dmirror, unsigned long start,
 				unsigned long end, unsigned long req_end,
-				char *bounce, bool write, bool unlocked,
-				u64 *faults)
+				char *bounce, unsigned int how, u64 *faults)
 {
+	bool write = how & DMIRROR_ACCESS_WRITE;
 	unsigned long addr = start;
 	int ret;
 
@@ -4294,8 +4419,10 @@ static int dmirror_access_batch(struct dmirror *dmirror, unsigned long start,
 		if (fatal_signal_pending(current))
 			return -EINTR;
 		ret = dmirror_fault(dmirror, addr,
-				    dmirror_fault_place(dmirror, addr, req_end),
-				    write, unlocked);
+				    (how & DMIRROR_ACCESS_ADVISED) ?
+				    dmirror_fault_place(dmirror, addr, req_end) :
+				    req_end,
+				    write, how & DMIRROR_ACCESS_UNLOCKED);
 		if (ret)
 			return ret;
 		(*faults)++;
@@ -4307,8 +4434,7 @@ static int dmirror_access_batch(struct dmirror *dmirror, unsigned long start,
  * @dmirror: mirror
  * @cmd: the request
  * @range: the range of @cmd
- * @write: direction
- * @unlocked: see &struct dmirror_fault_batch
+ * @how: DMIRROR_ACCESS_*
  *
  * Data moves through a bounded bounce buffer one batch at a time, because
  * user memory cannot be touched under pt_lock.
@@ -4317,9 +4443,9 @@ static int dmirror_access_batch(struct dmirror *dmirror, unsigned long start,
  * dmirror_fault().
  */
 static int dmirror_access(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
-			  const struct dmirror_range *range, bool write,
-			  bool unlocked)
+			  const struct dmirror_range *range, unsigned int how)
 {
+	bool write = how & DMIRROR_ACCESS_WRITE;
 	char __user *uptr = u64_to_user_ptr(cmd->ptr);
 	unsigned long addr, next;
 	char *bounce;
@@ -4340,8 +4466,7 @@ static int dmirror_access(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
 			break;
 		}
 		ret = dmirror_access_batch(dmirror, addr, next, range->end,
-					   bounce, write, unlocked,
-					   &cmd->faults);
+					   bounce, how, &cmd->faults);
 		if (ret)
 			break;
 		if (!write && copy_to_user(uptr, bounce, len)) {
@@ -4519,7 +4644,7 @@ static int dmirror_exclusive(struct dmirror *dmirror,
 	if (ret)
 		return ret;
 	/* Read the data back through the atomic mappings. */
-	return dmirror_access(dmirror, cmd, range, false, false);
+	return dmirror_access(dmirror, cmd, range, 0);
 }
 
 /**
@@ -4595,7 +4720,7 @@ static int dmirror_migrate(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
 	if (ret)
 		return ret;
 	readback.cpages = 0;
-	ret = dmirror_access(dmirror, &readback, range, false, false);
+	ret = dmirror_access(dmirror, &readback, range, 0);
 	cmd->faults = readback.faults;
 	cmd->cpages = readback.cpages;
 	return ret;
@@ -4710,13 +4835,17 @@ static long dmirror_ioctl_mm(struct dmirror *dmirror, unsigned int command,
 
 	switch (command) {
 	case HMM_DMIRROR_READ:
-		ret = dmirror_access(dmirror, cmd, &range, false, false);
+		ret = dmirror_access(dmirror, cmd, &range,
+				     DMIRROR_ACCESS_ADVISED);
 		break;
 	case HMM_DMIRROR_WRITE:
-		ret = dmirror_access(dmirror, cmd, &range, true, false);
+		ret = dmirror_access(dmirror, cmd, &range,
+				     DMIRROR_ACCESS_ADVISED | DMIRROR_ACCESS_WRITE);
 		break;
 	case HMM_DMIRROR_READ_UNLOCKED:
-		ret = dmirror_access(dmirror, cmd, &range, false, true);
+		ret = dmirror_access(dmirror, cmd, &range,
+				     DMIRROR_ACCESS_ADVISED |
+				     DMIRROR_ACCESS_UNLOCKED);
 		break;
 	case HMM_DMIRROR_SNAPSHOT:
 		ret = dmirror_snapshot(dmirror, cmd, &range);

@@ -54,8 +54,11 @@ struct hmm_dmirror_cmd {
  * every page of it must be there (moved now or before), and the device reads
  * it into @ptr; @cpages = @npages. -EINVAL for a hole or memory without read
  * access in the range; -ENOENT when a page could not be there (shared or
- * file memory, a page on another device); -ENOMEM when the device ran out of
- * memory (what fitted has moved).
+ * file memory, a pinned page, a page in the coherent memory of a device
+ * outside this device's interconnect group); -ENOMEM when the device ran out
+ * of memory (what fitted has moved). Pages in the private memory of another
+ * device are moved: directly from a device of the same interconnect group,
+ * through system memory from any other.
  *
  * HMM_DMIRROR_MIGRATE_TO_SYS: move the device's pages of the range back to
  * system memory; @cpages counts the pages moved (a THP counts all its pages).
@@ -193,8 +196,8 @@ struct hmm_dmirror_cmd {
  *	in system memory
  * @interconnect_maps: device PTEs installed for a page in the memory of
  *	another device of the group (mapped where it is, not migrated)
- * @interconnect_unmaps: such PTEs an invalidation cleared (a file closed
- *	drops its page table without counting)
+ * @interconnect_unmaps: such PTEs cleared by an invalidation or by new
+ *	advice (a file closed drops its page table without counting)
  * @migrated_to_dev: pages moved into the device's memory
  * @migrated_from_peer: of those, pages that came straight from the memory
  *	of another device of the group, in one copy
@@ -420,8 +423,10 @@ enum hmm_dmirror_invalidation {
  * @memory_limit_mb: the most device memory the device hands out, in MiB;
  *	0 for all it has. A migration that needs more evicts the device memory
  *	least recently used (by any mirror of the device) to system memory, a
- *	2 MiB block at a time, but never what the same request brought in; it
- *	fails with -ENOMEM only when nothing is left to evict
+ *	2 MiB block at a time, but never what the same migration brought in
+ *	(a device access under advice migrates a granule at a time, each a
+ *	migration of its own); it fails with -ENOMEM only when nothing is left
+ *	to evict
  * @timeslice_ms: 0 to %HMM_DMIRROR_MAX_TIMESLICE_MS: how long pages stay in
  *	device memory after a migration brought them there (per 2 MiB block)
  *	before a CPU fault may take them back; a CPU fault before then waits
@@ -463,7 +468,8 @@ struct hmm_dmirror_settings {
  *	device is in this device's interconnect group, so that this device
  *	maps the page where it is (&hmm_dmirror_stats.interconnect_group).
  *	Without a group, a device sees no other device's private pages: the
- *	core moves them to system memory for it
+ *	core moves them to system memory for it. %HMM_DMIRROR_PROT_ERROR has
+ *	every bit set: compare with it first
  *
  * READ or WRITE is or-ed into the ZERO and device values, and PMD or PUD into
  * any mapped value.
