@@ -39,8 +39,10 @@ unset MAKEFLAGS MFLAGS
 # The Debian kernel series used by default: 7.1 or later has the two-pass
 # mmu interval notifiers.
 readonly KERNEL_SERIES_DEFAULT=7.3
-# Debian suites searched for linux-source-<series>, newest version wins.
-readonly KERNEL_SUITES="trixie-backports sid"
+# Debian suites searched for linux-source-<series>, newest version wins:
+# the archive's, and the security archive's (same mirror, debian-security).
+readonly KERNEL_SUITES="experimental sid trixie-backports trixie bookworm-backports bookworm"
+readonly KERNEL_SECURITY_SUITES="trixie-security bookworm-security"
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 readonly REPO
@@ -163,6 +165,9 @@ readonly OPTIONS="
 --lint            -           -                       flag
 	static checks only: checkpatch --strict on our C files and a W=1
 	module build that must be warning-free
+--list-series     -           -                       flag
+	list the kernel series Debian offers (linux-source-X.Y in its suites),
+	with the newest version of each, and exit
 "
 
 # Options that do not go together when both are given: the two, then why.
@@ -633,14 +638,24 @@ private_apt() {
 private_apt_update() {
 	local mirror suite stamp=$CACHE/apt/updated
 	mkdir -p "$CACHE/apt/lists/partial" "$CACHE/apt/archives/partial"
+	mirror=$(debian_mirror)
+	{
+		for suite in $KERNEL_SUITES; do
+			echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $suite main"
+		done
+		for suite in $KERNEL_SECURITY_SUITES; do
+			echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror-security $suite main"
+		done
+	} >"$CACHE/apt/sources.list.new"
+	# A new list of suites is fetched now, not at tomorrow's refresh.
+	if ! cmp -s "$CACHE/apt/sources.list.new" "$CACHE/apt/sources.list"; then
+		mv "$CACHE/apt/sources.list.new" "$CACHE/apt/sources.list"
+		rm -f "$stamp"
+	fi
 	# One index refresh a day is plenty and keeps warm runs fast.
 	if [ -f "$stamp" ] && [ -n "$(find "$stamp" -mmin -1440)" ]; then
 		return 0
 	fi
-	mirror=$(debian_mirror)
-	for suite in $KERNEL_SUITES; do
-		echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $suite main"
-	done >"$CACHE/apt/sources.list"
 	private_apt apt-get update >"$CACHE/apt/update.log" 2>&1 ||
 		die 125 "apt-get update failed; see $CACHE/apt/update.log"
 	touch "$stamp"
@@ -688,6 +703,20 @@ unpack_source() {
 }
 
 
+# --list-series: every linux-source-X.Y Debian offers, newest version of
+# each, newest series first.
+list_series() {
+	local pkg
+	lock "$CACHE/apt/.lock" -x fetch "the apt cache" "in use"
+	private_apt_update
+	for pkg in $(private_apt apt-cache pkgnames linux-source- |
+		     grep -E '^linux-source-[0-9]+\.[0-9]+$' | sort -rV); do
+		printf '%-8s %s\n' "${pkg#linux-source-}" \
+			"$(newest_debian_version "$pkg")"
+	done
+	unlock "$CACHE/apt/.lock"
+}
+
 # Sets KSRC to an unpacked linux-source-<series> and KSRC_ID to its version.
 fetch_debian_source() {
 	SRC_PKG=linux-source-${OPT[--kernel-series]}
@@ -697,7 +726,8 @@ fetch_debian_source() {
 	private_apt_update
 	SRC_VERSION=$(newest_debian_version "$SRC_PKG")
 	unlock "$CACHE/apt/.lock"
-	[ -n "$SRC_VERSION" ] || die 125 "Debian has no $SRC_PKG in $KERNEL_SUITES"
+	[ -n "$SRC_VERSION" ] ||
+		die 125 "Debian has no $SRC_PKG in $KERNEL_SUITES $KERNEL_SECURITY_SUITES (see --list-series)"
 	use_or_make fetch "the source $SRC_PKG" "$SRC_DIR.lock" unpacking \
 		source_up_to_date unpack_source
 	KSRC=$SRC_DIR
@@ -907,14 +937,40 @@ sync_file() {
 	cmp -s "$1" "$2" 2>/dev/null || cp "$1" "$2"
 }
 
-# Builds $REPO/lib/test_hmm.c as an external module against the tree.
-# Prints nothing; the log is $MODDIR/build.log.
+# The kernel APIs the tree has (compat/probe.sh), into
+# $MODDIR/test_hmm_probes.h, probed again whenever the kernel was rebuilt
+# (a bisect step) or a probe changed. A tree without what the driver is
+# built on cannot run our driver: exit 125, so that a bisect skips it.
+probe_tree() {
+	local key probes=("$REPO"/compat/probes/*.c)
+	key=$({ cat "$REPO/compat/probe.sh" "${probes[@]}"
+		stat -c %Y "$KBUILD/vmlinux"
+		cat "$KBUILD/include/config/kernel.release"; } |
+	      sha256sum | cut -c1-16)
+	if [ "$(cat "$MODDIR/probes.key" 2>/dev/null)" != "$key" ]; then
+		"$REPO/compat/probe.sh" "$KSRC" "$KBUILD" "$MODDIR" ||
+			die 125 "probing the kernel tree failed"
+		echo "$key" >"$MODDIR/probes.key"
+		progress "probe: $(grep -c '^#define' "$MODDIR/test_hmm_probes.h") of ${#probes[@]} kernel APIs present ($MODDIR/test_hmm_probes.h)"
+	fi
+	grep -q DMIRROR_HAVE_MMU_INTERVAL_NOTIFIER_TWO_PASS \
+		"$MODDIR/test_hmm_probes.h" ||
+		die 125 "our driver needs Linux 7.1 or later (two-pass mmu interval notifiers), which $(cat "$KBUILD/include/config/kernel.release") lacks; run the tree's own driver and suite instead: --upstream-driver --upstream-tests"
+}
+
+# Builds $REPO/lib/test_hmm.c as an external module against the tree, with
+# compat/test_hmm_compat.h forced in for what the tree lacks. Prints
+# nothing; the log is $MODDIR/build.log.
 build_module() {
 	MODDIR=$CACHE/module/$BUILD_NAME
 	mkdir -p "$MODDIR"
+	probe_tree
 	sync_file "$REPO/lib/test_hmm.c" "$MODDIR/test_hmm.c"
 	sync_file "$REPO/lib/test_hmm_uapi.h" "$MODDIR/test_hmm_uapi.h"
-	echo 'obj-m := test_hmm.o' >"$MODDIR/Kbuild.new"
+	sync_file "$REPO/compat/test_hmm_compat.h" "$MODDIR/test_hmm_compat.h"
+	# shellcheck disable=SC2016 # $(src) is make's
+	printf 'obj-m := test_hmm.o\nccflags-y := -include $(src)/test_hmm_compat.h\n' \
+		>"$MODDIR/Kbuild.new"
 	sync_file "$MODDIR/Kbuild.new" "$MODDIR/Kbuild"
 	make -C "$KSRC" O="$KBUILD" M="$MODDIR" W=1 modules \
 		>"$MODDIR/build.log" 2>&1 ||
@@ -955,7 +1011,10 @@ build() {
 	if on --lint; then
 		return 0
 	fi
-	build_module
+	# The tree's driver alone needs nothing of ours to build.
+	if [ "$DRIVER_TREE" = 0 ] || [ "$BENCH_BOTH" = 1 ]; then
+		build_module
+	fi
 	build_tests
 	KREL=$(cat "$KBUILD/include/config/kernel.release")
 	# The driver loaded (packed as test_hmm.ko), and the tree's.
@@ -964,8 +1023,8 @@ build() {
 		[ -f "$TREE_DRIVER" ] ||
 			die 125 "the tree did not build lib/test_hmm.ko"
 	fi
-	DRIVER=$MODDIR/test_hmm.ko
-	[ "$DRIVER_TREE" = 0 ] || DRIVER=$TREE_DRIVER
+	DRIVER=$TREE_DRIVER
+	[ "$DRIVER_TREE" = 1 ] || DRIVER=$MODDIR/test_hmm.ko
 	progress "build: driver $DRIVER"
 	[ "$BENCH_BOTH" = 0 ] || progress "build: then the driver $TREE_DRIVER"
 }
@@ -975,7 +1034,8 @@ build() {
 lint() {
 	local files=(lib/test_hmm.c lib/test_hmm_uapi.h
 		     tools/testing/selftests/mm/hmm-tests.c
-		     tools/testing/selftests/mm/hmm-bench.c)
+		     tools/testing/selftests/mm/hmm-bench.c
+		     compat/test_hmm_compat.h compat/probes/*.c)
 	local rc=0
 	progress "lint: checkpatch.pl --strict"
 	(cd "$REPO" && "$KSRC/scripts/checkpatch.pl" --strict --no-tree \
@@ -993,6 +1053,7 @@ lint() {
 	sh -n "$REPO/guest-init.sh" || rc=1
 	bash -n "$REPO/.ci/run" || rc=1
 	bash -n "$REPO/fresh-check.sh" || rc=1
+	bash -n "$REPO/compat/probe.sh" || rc=1
 	if [ $rc = 0 ]; then
 		progress "lint: clean"
 	else
@@ -1603,6 +1664,10 @@ run_mutants() {
 main() {
 	parse_args "$@"
 	check_conflicts
+	if on --list-series; then
+		list_series
+		exit
+	fi
 	plan_run
 	if on --mutants; then
 		run_mutants
