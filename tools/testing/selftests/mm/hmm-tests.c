@@ -6323,6 +6323,22 @@ static int hmm_peer_reset(const int *fds, int n)
 })
 
 /*
+ * hmm_peer_start() - how most peer tests start: map @b, HMM_NPAGES of
+ * private anonymous memory filled with @seed, move it into the memory of
+ * A (@fds[0]), checking what A read back, and zero the counters of A, B
+ * and C.
+ */
+static void hmm_peer_start(struct __test_metadata *_metadata, const int *fds,
+			   struct hmm_buffer *b, __u32 seed)
+{
+	struct hmm_dmirror_cmd cmd;
+
+	ASSERT_BUFFER_MAP(b, HMM_ANON, HMM_NPAGES, seed);
+	ASSERT_DEV_READ(fds[0], HMM_DMIRROR_MIGRATE_TO_DEV, b, seed, &cmd);
+	ASSERT_EQ(0, hmm_peer_reset(fds, 3));
+}
+
+/*
  * A's pages, read by B: B maps them where they are (SNAPSHOT through B
  * says "another device's, over the interconnect", through A "mine" still),
  * and what B writes lands in A's memory, where the CPU then finds it.
@@ -6334,9 +6350,7 @@ TEST_F(peer, peer_read_write)
 	struct hmm_dmirror_cmd cmd;
 	struct hmm_buffer b;
 
-	ASSERT_BUFFER_MAP(&b, HMM_ANON, HMM_NPAGES, 0x9e1);
-	ASSERT_DEV_READ(a, HMM_DMIRROR_MIGRATE_TO_DEV, &b, 0x9e1, &cmd);
-	ASSERT_EQ(0, hmm_peer_reset(self->fd, 2));
+	hmm_peer_start(_metadata, self->fd, &b, 0x9e1);
 
 	ASSERT_DEV_READ(b_fd, HMM_DMIRROR_READ, &b, 0x9e1, &cmd);
 	ASSERT_SNAPSHOT(b_fd, b.ptr, b.npages, b.snap, hmm_peer_remote(coherent))
@@ -6453,9 +6467,7 @@ TEST_F(peer, peer_migrate_invalidates)
 	struct hmm_dmirror_cmd cmd;
 	struct hmm_buffer b;
 
-	ASSERT_BUFFER_MAP(&b, HMM_ANON, HMM_NPAGES, 0x9e6);
-	ASSERT_DEV_READ(a, HMM_DMIRROR_MIGRATE_TO_DEV, &b, 0x9e6, &cmd);
-	ASSERT_EQ(0, hmm_peer_reset(self->fd, 2));
+	hmm_peer_start(_metadata, self->fd, &b, 0x9e6);
 	ASSERT_DEV_READ(b_fd, HMM_DMIRROR_READ, &b, 0x9e6, &cmd);
 	ASSERT_EQ(b.npages, hmm_peer_stat(b_fd, interconnect_maps));
 
@@ -6483,9 +6495,7 @@ TEST_F(peer, peer_cpu_fault)
 
 	if (variant->coherent)
 		SKIP(return, "the CPU reads device-coherent memory without a fault");
-	ASSERT_BUFFER_MAP(&b, HMM_ANON, HMM_NPAGES, 0x9e8);
-	ASSERT_DEV_READ(a, HMM_DMIRROR_MIGRATE_TO_DEV, &b, 0x9e8, &cmd);
-	ASSERT_EQ(0, hmm_peer_reset(self->fd, 3));
+	hmm_peer_start(_metadata, self->fd, &b, 0x9e8);
 	for (i = 1; i < 3; i++)
 		ASSERT_DEV_READ(self->fd[i], HMM_DMIRROR_READ, &b, 0x9e8, &cmd);
 
@@ -6510,13 +6520,11 @@ TEST_F(peer, peer_cpu_fault)
 TEST_F(peer, peer_exclusive)
 {
 	int taker = variant->coherent ? self->fd[0] : self->fd[2];
-	int a = self->fd[0], b_fd = self->fd[1];
+	int b_fd = self->fd[1];
 	struct hmm_dmirror_cmd cmd;
 	struct hmm_buffer b;
 
-	ASSERT_BUFFER_MAP(&b, HMM_ANON, HMM_NPAGES, 0x9e9);
-	ASSERT_DEV_READ(a, HMM_DMIRROR_MIGRATE_TO_DEV, &b, 0x9e9, &cmd);
-	ASSERT_EQ(0, hmm_peer_reset(self->fd, 3));
+	hmm_peer_start(_metadata, self->fd, &b, 0x9e9);
 	ASSERT_DEV_READ(b_fd, HMM_DMIRROR_READ, &b, 0x9e9, &cmd);
 
 	ASSERT_DEV_READ(taker, HMM_DMIRROR_EXCLUSIVE, &b, 0x9e9, &cmd);
@@ -6549,9 +6557,7 @@ TEST_F(peer, peer_advise_system)
 	struct hmm_dmirror_cmd cmd;
 	struct hmm_buffer b;
 
-	ASSERT_BUFFER_MAP(&b, HMM_ANON, HMM_NPAGES, 0x9ed);
-	ASSERT_DEV_READ(a, HMM_DMIRROR_MIGRATE_TO_DEV, &b, 0x9ed, &cmd);
-	ASSERT_EQ(0, hmm_peer_reset(self->fd, 2));
+	hmm_peer_start(_metadata, self->fd, &b, 0x9ed);
 	adv.addr = (uintptr_t)b.ptr;
 	adv.npages = b.npages;
 	ASSERT_EQ(0, hmm_ioctl(b_fd, HMM_DMIRROR_ADVISE, &adv));
@@ -6574,9 +6580,7 @@ TEST_F(peer, peer_release)
 	struct hmm_dmirror_cmd cmd;
 	struct hmm_buffer b;
 
-	ASSERT_BUFFER_MAP(&b, HMM_ANON, HMM_NPAGES, 0x9ea);
-	ASSERT_DEV_READ(a, HMM_DMIRROR_MIGRATE_TO_DEV, &b, 0x9ea, &cmd);
-	ASSERT_EQ(0, hmm_peer_reset(self->fd, 2));
+	hmm_peer_start(_metadata, self->fd, &b, 0x9ea);
 	ASSERT_DEV_READ(b_fd, HMM_DMIRROR_READ, &b, 0x9ea, &cmd);
 
 	ASSERT_EQ(0, hmm_ioctl(a, HMM_DMIRROR_RELEASE, NULL));
