@@ -7238,59 +7238,160 @@ TEST_F_TIMEOUT(placement, evict_cpu_race, HMM_SLOW_TIMEOUT)
 	munmap(p, npages * ps);
 }
 
+/* How the evict_pinned tests hold pages: GUP long-term, io_uring. */
+enum hmm_pin_kind {
+	HMM_PIN_GUP,
+	HMM_PIN_IO_URING,
+};
+
+/*
+ * A long-term pin of a buffer, and the means to read the pinned pages
+ * through it rather than through the mapping: gup_test's
+ * PIN_LONGTERM_TEST_READ, or an io_uring WRITE_FIXED of the registered
+ * buffer to a file.
+ */
+struct hmm_pin {
+	enum hmm_pin_kind kind;
+	int	gup_fd;
+	int	file_fd;
+#ifdef HMM_HAVE_LIBURING
+	struct io_uring ring;
+#endif
+	char	why[128];
+};
+
+/* Pin @size bytes at @p: 0, or 1 with the reason the system cannot. */
+static int hmm_pin_start(struct hmm_pin *pin, char *p, size_t size)
+{
+	struct pin_longterm_test gup = {
+		.addr = (uintptr_t)p,
+		.size = size,
+		.flags = PIN_LONGTERM_TEST_FLAG_USE_WRITE,
+	};
+
+	pin->gup_fd = -1;
+	pin->file_fd = -1;
+	if (pin->kind == HMM_PIN_GUP) {
+		pin->gup_fd = open(HMM_GUP_TEST, O_RDWR | O_CLOEXEC);
+		if (pin->gup_fd < 0 ||
+		    ioctl(pin->gup_fd, PIN_LONGTERM_TEST_START, &gup)) {
+			hmm_why(pin->why, sizeof(pin->why),
+				"%s (CONFIG_GUP_TEST, debugfs): %s",
+				HMM_GUP_TEST, strerror(errno));
+			return 1;
+		}
+		return 0;
+	}
+#ifdef HMM_HAVE_LIBURING
+	{
+		struct iovec iov = { .iov_base = p, .iov_len = size };
+		int ret = io_uring_queue_init(4, &pin->ring, 0);
+
+		if (!ret)
+			ret = io_uring_register_buffers(&pin->ring, &iov, 1);
+		pin->file_fd = ret ? -1 : hmm_tmpfile(size);
+		if (ret || pin->file_fd < 0) {
+			hmm_why(pin->why, sizeof(pin->why),
+				"io_uring fixed buffer or temporary file: %s",
+				strerror(ret ? -ret : errno));
+			return 1;
+		}
+		return 0;
+	}
+#else
+	hmm_why(pin->why, sizeof(pin->why),
+		"built without liburing (HMM_HAVE_LIBURING)");
+	return 1;
+#endif
+}
+
+/* Read the @size pinned bytes at @p through the pin into @out: 0 or -1. */
+static int hmm_pin_read(struct hmm_pin *pin, char *p, size_t size, char *out)
+{
+	__u64 uaddr = (uintptr_t)out;
+
+	if (pin->kind == HMM_PIN_GUP)
+		return ioctl(pin->gup_fd, PIN_LONGTERM_TEST_READ, &uaddr) ? -1 : 0;
+#ifdef HMM_HAVE_LIBURING
+	if (hmm_uring_rw(&pin->ring, true, pin->file_fd, p, size) !=
+	    (int)size)
+		return -1;
+	return pread(pin->file_fd, out, size, 0) == (ssize_t)size ? 0 : -1;
+#else
+	(void)p;
+	(void)size;
+	return -1;
+#endif
+}
+
+static void hmm_pin_stop(struct hmm_pin *pin)
+{
+	if (pin->gup_fd >= 0) {
+		ioctl(pin->gup_fd, PIN_LONGTERM_TEST_STOP);
+		close(pin->gup_fd);
+	}
+#ifdef HMM_HAVE_LIBURING
+	if (pin->kind == HMM_PIN_IO_URING && pin->file_fd >= 0) {
+		io_uring_queue_exit(&pin->ring);
+		close(pin->file_fd);
+	}
+#endif
+}
+
 /*
  * Pages pinned long-term cannot move: the device faults under advice to
  * migrate them map them where they are (counted as fallbacks), and a
  * stream through the device's memory beside them leaves the pin holding
  * the pages the CPU writes.
  */
-TEST_F(placement, evict_pinned)
+static void hmm_place_pinned(struct __test_metadata *_metadata, int fd,
+			     enum hmm_pin_kind kind)
 {
-	struct pin_longterm_test pin = { 0 };
+	struct hmm_pin pin = { .kind = kind };
 	struct hmm_dmirror_stats stats;
 	struct hmm_dmirror_cmd cmd;
 	struct hmm_buffer b, w;
-	char *pinned;
-	__u64 uaddr;
-	int gup_fd;
+	char *through;
 
-	gup_fd = open(HMM_GUP_TEST, O_RDWR | O_CLOEXEC);
-	if (gup_fd < 0)
-		SKIP(return, "no %s (CONFIG_GUP_TEST, debugfs): %s",
-		     HMM_GUP_TEST, strerror(errno));
 	ASSERT_BUFFER_MAP(&b, HMM_ANON, HMM_SMALL_NPAGES, 0x9a6);
 	ASSERT_BUFFER_MAP(&w, HMM_LEAF, HMM_PLACE_NPAGES, 0x9a7);
-	pinned = malloc(b.size);
-	ASSERT_NE(NULL, pinned);
-	uaddr = (uintptr_t)pinned;
-	pin.addr = (uintptr_t)b.ptr;
-	pin.size = b.size;
-	pin.flags = PIN_LONGTERM_TEST_FLAG_USE_WRITE;
-	ASSERT_EQ(0, ioctl(gup_fd, PIN_LONGTERM_TEST_START, &pin))
-		TH_LOG("PIN_LONGTERM_TEST_START: %s", strerror(errno));
+	through = malloc(b.size);
+	ASSERT_NE(NULL, through);
+	if (hmm_pin_start(&pin, b.ptr, b.size)) {
+		hmm_pin_stop(&pin);
+		SKIP(return, "%s", pin.why);
+	}
 
-	ASSERT_EQ(0, hmm_advise(self->fd, b.ptr, b.npages,
-				HMM_DMIRROR_LOC_DEVICE,
+	ASSERT_EQ(0, hmm_advise(fd, b.ptr, b.npages, HMM_DMIRROR_LOC_DEVICE,
 				HMM_DMIRROR_FAULT_MIGRATE, HMM_SHIFT_4K));
-	ASSERT_EQ(0, hmm_advise(self->fd, w.ptr, w.npages,
-				HMM_DMIRROR_LOC_DEVICE,
+	ASSERT_EQ(0, hmm_advise(fd, w.ptr, w.npages, HMM_DMIRROR_LOC_DEVICE,
 				HMM_DMIRROR_FAULT_MIGRATE, HMM_SHIFT_2M));
-	ASSERT_DEV_READ(self->fd, HMM_DMIRROR_READ, &b, 0x9a6, &cmd);
-	ASSERT_EQ(0, hmm_stats(self->fd, &stats));
+	ASSERT_DEV_READ(fd, HMM_DMIRROR_READ, &b, 0x9a6, &cmd);
+	ASSERT_EQ(0, hmm_stats(fd, &stats));
 	ASSERT_EQ(b.npages, stats.fault_fallbacks);
-	ASSERT_SNAPSHOT(self->fd, b.ptr, b.npages, b.snap,
-			HMM_DMIRROR_PROT_WRITE) TH_LOG("a pinned page moved");
-	ASSERT_DEV_READ(self->fd, HMM_DMIRROR_READ, &w, 0x9a7, &cmd);
+	ASSERT_SNAPSHOT(fd, b.ptr, b.npages, b.snap, HMM_DMIRROR_PROT_WRITE)
+		TH_LOG("a pinned page moved");
+	ASSERT_DEV_READ(fd, HMM_DMIRROR_READ, &w, 0x9a7, &cmd);
 
 	hmm_fill(b.ptr, b.size, 0x9a8);
-	ASSERT_EQ(0, ioctl(gup_fd, PIN_LONGTERM_TEST_READ, &uaddr));
-	ASSERT_EQ(-1, hmm_check(pinned, b.size, 0x9a8))
+	memset(through, 0, b.size);
+	ASSERT_EQ(0, hmm_pin_read(&pin, b.ptr, b.size, through));
+	ASSERT_EQ(-1, hmm_check(through, b.size, 0x9a8))
 		TH_LOG("the pin does not hold the pages the CPU writes");
-	ASSERT_EQ(0, ioctl(gup_fd, PIN_LONGTERM_TEST_STOP));
-	free(pinned);
+	hmm_pin_stop(&pin);
+	free(through);
 	hmm_buffer_free(&w);
 	hmm_buffer_free(&b);
-	close(gup_fd);
+}
+
+TEST_F(placement, evict_pinned_gup)
+{
+	hmm_place_pinned(_metadata, self->fd, HMM_PIN_GUP);
+}
+
+TEST_F(placement, evict_pinned_io_uring)
+{
+	hmm_place_pinned(_metadata, self->fd, HMM_PIN_IO_URING);
 }
 
 /*
