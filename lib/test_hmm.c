@@ -3178,8 +3178,9 @@ static unsigned long dmirror_migrate_select(struct dmirror_device *mdevice,
  * struct dmirror_migration - a migration of a range, batch by batch
  * @dmirror: mirror asking
  * @args: the batch; its arrays are allocated with the migration
- * @req: to the device: the pages of the batch to fault into system memory
- *	before running it again (dmirror_uncollected()); else NULL
+ * @req: to a device in an interconnect group: the pages of the batch to
+ *	fault into system memory before running it again
+ *	(dmirror_uncollected()); else NULL
  * @to_dev: direction
  * @only: to system memory: move only the pages of this device (as
  *	HMM_DMIRROR_MIGRATE_TO_SYS does), NULL for its peers' too
@@ -3228,7 +3229,8 @@ static int dmirror_migration_init(struct dmirror_migration *mig,
 	mig->args.flags = dmirror_migrate_select(dmirror->mdevice, to_dev);
 	mig->args.src = pfns;
 	mig->args.dst = pfns + HPAGE_PMD_NR;
-	if (to_dev)
+	/* A device in no group leaves them, as the kernel's own driver does. */
+	if (to_dev && dmirror->mdevice->group)
 		mig->req = pfns + 2 * HPAGE_PMD_NR;
 	if (to_dev && evict)
 		mig->evict_before =
@@ -3370,7 +3372,9 @@ static struct folio *dmirror_migration_alloc(struct dmirror_migration *mig,
  * that finds no device memory stays where it is. An empty source (a hole or
  * the zero page) becomes zeroed device memory. On an interconnect the
  * sources include the device's own pages, which stay, and its peers' pages,
- * which are copied across directly. With no free device memory, the
+ * which are copied across directly. (A device in no group gets its own
+ * pages only as migrate_vma_setup() collects a device-coherent THP as
+ * system memory, and moves them as the kernel's own driver does.) With no free device memory, the
  * migration may evict older device memory (dmirror_migration_alloc()).
  *
  * Return: true if the device ran out of memory for a page.
@@ -3393,7 +3397,8 @@ static bool dmirror_migrate_alloc_to_dev(struct dmirror_migration *mig)
 			nr = spage ? folio_nr_pages(page_folio(spage)) :
 				     HPAGE_PMD_NR;
 		if (!(src & MIGRATE_PFN_MIGRATE) ||
-		    (spage && dmirror_page_local(mdevice, spage)) ||
+		    (mdevice->group && spage &&
+		     dmirror_page_local(mdevice, spage)) ||
 		    dmirror_coherent_thp(spage, nr)) {
 			i += nr;
 			continue;
@@ -3695,9 +3700,10 @@ static unsigned long dmirror_migrate_pull(struct dmirror_migration *mig)
  *
  * Migrates in PMD-aligned batches, so that huge pages move whole. To the
  * device, pages in the memory of an interconnect peer move across directly;
- * pages that cannot be taken where they are (on a device outside the group,
- * swapped out) are faulted into system memory first and the batch runs
- * again (dmirror_migrate_pull()). To system memory, only the device's own
+ * for a device in a group, pages that cannot be taken where they are (on a
+ * device outside the group, swapped out) are faulted into system memory
+ * first and the batch runs again (dmirror_migrate_pull()); a device in no
+ * group leaves them, as the kernel's own driver does. To system memory, only the device's own
  * pages move, not its peers'. @mig counts what moved.
  *
  * Return: 0, or the first error of dmirror_migrate_vma().

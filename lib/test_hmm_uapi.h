@@ -56,9 +56,10 @@ struct hmm_dmirror_cmd {
  * access in the range; -ENOENT when a page could not be there (shared or
  * file memory, a pinned page, a page in the coherent memory of a device
  * outside this device's interconnect group); -ENOMEM when the device ran out
- * of memory (what fitted has moved). Pages in the private memory of another
- * device are moved: directly from a device of the same interconnect group,
- * through system memory from any other.
+ * of memory (what fitted has moved). A device in an interconnect group
+ * moves pages in the private memory of another device too: directly from a
+ * device of its group, through system memory from any other; a device in no
+ * group, as the kernel's own driver, leaves them (-ENOENT).
  *
  * HMM_DMIRROR_MIGRATE_TO_SYS: move the device's pages of the range back to
  * system memory; @cpages counts the pages moved (a THP counts all its pages).
