@@ -2114,12 +2114,16 @@ static u64 dmirror_pte_flags(struct dmirror_device *mdevice, struct page *page,
 			     unsigned long hpfn)
 {
 	u64 flags = (hpfn & HMM_PFN_WRITE) ? DMIRROR_PTE_WRITE : 0;
+	struct dmirror_chunk *chunk;
 
-	WARN_ON_ONCE(is_device_private_page(page) &&
-		     !dmirror_page_owned(mdevice, page));
-	if (dmirror_page_local(mdevice, page))
-		dmirror_block_touch(dmirror_page_chunk(page), page_to_pfn(page));
-	if (dmirror_page_of_peer(mdevice, page)) {
+	if (!dmirror_page_owned(mdevice, page)) {
+		WARN_ON_ONCE(is_device_private_page(page));
+		return flags;
+	}
+	chunk = dmirror_page_chunk(page);
+	if (chunk->mdevice == mdevice) {
+		dmirror_block_touch(chunk, page_to_pfn(page));
+	} else {
 		flags |= DMIRROR_PTE_PEER;
 		atomic64_inc(dmirror_stat(mdevice, interconnect_maps));
 	}
@@ -3727,21 +3731,24 @@ static int dmirror_migrate_range(struct dmirror_migration *mig,
 	return 0;
 }
 
+/* Does a SNAPSHOT state say the page is in the device's own memory? */
+static bool dmirror_state_local(u8 state)
+{
+	u8 where = state & (u8)~(HMM_DMIRROR_PROT_READ | HMM_DMIRROR_PROT_WRITE |
+				 HMM_DMIRROR_PROT_PMD | HMM_DMIRROR_PROT_PUD);
+
+	return where == HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL ||
+	       where == HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL;
+}
+
 /* Fails a batch with a page outside the device's memory. */
 static int dmirror_states_local(void *arg, const u8 *states, unsigned long n)
 {
-	const u8 where_mask = (u8)~(HMM_DMIRROR_PROT_READ |
-				    HMM_DMIRROR_PROT_WRITE |
-				    HMM_DMIRROR_PROT_PMD | HMM_DMIRROR_PROT_PUD);
 	unsigned long i;
 
-	for (i = 0; i < n; i++) {
-		u8 where = states[i] & where_mask;
-
-		if (where != HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL &&
-		    where != HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL)
+	for (i = 0; i < n; i++)
+		if (!dmirror_state_local(states[i]))
 			return -ENOENT;
-	}
 	return 0;
 }
 
@@ -4246,15 +4253,11 @@ static int dmirror_state_keep(void *arg, const u8 *states, unsigned long n)
 static void dmirror_page_where(struct dmirror *dmirror, unsigned long addr,
 			       bool *local, bool *owned)
 {
-	const u8 where = (u8)~(HMM_DMIRROR_PROT_READ | HMM_DMIRROR_PROT_WRITE |
-			       HMM_DMIRROR_PROT_PMD | HMM_DMIRROR_PROT_PUD);
 	struct dmirror_range page = { addr, addr + PAGE_SIZE };
 	u8 state = HMM_DMIRROR_PROT_ERROR;
 
 	dmirror_snapshot_walk(dmirror, &page, dmirror_state_keep, &state);
-	*local = state != HMM_DMIRROR_PROT_ERROR &&
-		 ((state & where) == HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL ||
-		  (state & where) == HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL);
+	*local = dmirror_state_local(state);
 	*owned = *local || (state != HMM_DMIRROR_PROT_ERROR &&
 			    (state & HMM_DMIRROR_PROT_INTERCONNECT));
 }
