@@ -204,16 +204,24 @@ static double mig_mibps(size_t size, double *us)
 	return size / 1048576.0 / (us[MIG_RUNS / 2] / 1e6);
 }
 
+/* One migration request of a measurement: @req through device file @fd. */
+struct mig_step {
+	int		fd;
+	unsigned long	req;
+};
+
 /*
- * Median MiB/s of moving @size bytes to the device (@out[0]) and back
- * (@out[1]), with THP or with 4 KiB pages.
+ * MIG_RUNS times: map @size bytes, THP or 4 KiB pages, and run the two
+ * steps on them one after the other, each timed; the median MiB/s of each
+ * step into @out.
  */
-static int mig_measure(int fd, size_t size, int thp, double out[2])
+static int mig_steps(const struct mig_step step[2], size_t size, int thp,
+		     double out[2])
 {
-	double to_dev[MIG_RUNS], to_sys[MIG_RUNS], t0;
 	unsigned long npages = size / getpagesize();
+	double us[2][MIG_RUNS], t0;
 	char *mirror = malloc(size);
-	int i, ret = 0;
+	int i, k, ret = 0;
 
 	if (!mirror)
 		exit(1);
@@ -221,24 +229,34 @@ static int mig_measure(int fd, size_t size, int thp, double out[2])
 		void *raw;
 		char *buf = mig_map(size, thp, &raw);
 
-		t0 = bench_now_us();
-		ret = mig_cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
-			      npages);
-		to_dev[i] = bench_now_us() - t0;
-		if (!ret) {
+		for (k = 0; k < 2 && !ret; k++) {
 			t0 = bench_now_us();
-			ret = mig_cmd(fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf,
-				      mirror, npages);
-			to_sys[i] = bench_now_us() - t0;
+			ret = mig_cmd(step[k].fd, step[k].req, buf, mirror,
+				      npages);
+			us[k][i] = bench_now_us() - t0;
 		}
 		munmap(raw, size + MIG_THP_SIZE);
 	}
 	free(mirror);
 	if (ret)
 		return ret;
-	out[0] = mig_mibps(size, to_dev);
-	out[1] = mig_mibps(size, to_sys);
+	out[0] = mig_mibps(size, us[0]);
+	out[1] = mig_mibps(size, us[1]);
 	return 0;
+}
+
+/*
+ * Median MiB/s of moving @size bytes to the device (@out[0]) and back
+ * (@out[1]), with THP or with 4 KiB pages.
+ */
+static int mig_measure(int fd, size_t size, int thp, double out[2])
+{
+	const struct mig_step step[2] = {
+		{ fd, HMM_DMIRROR_MIGRATE_TO_DEV },
+		{ fd, HMM_DMIRROR_MIGRATE_TO_SYS },
+	};
+
+	return mig_steps(step, size, thp, out);
 }
 
 /* The migration table; uses only upstream's ioctls. */
@@ -302,35 +320,20 @@ static long peer_open(int id, int *fd)
 
 /*
  * Median MiB/s of MIGRATE_TO_DEV through @to of @size bytes that are in
- * @from's memory (put there first, not timed); it includes the read-back.
+ * @from's memory (put there first by the step before it); it includes the
+ * read-back.
  */
 static int peer_measure(int from, int to, size_t size, int thp, double *out)
 {
-	unsigned long npages = size / getpagesize();
-	char *mirror = malloc(size);
-	double t[MIG_RUNS], t0;
-	int i, ret = 0;
+	const struct mig_step step[2] = {
+		{ from, HMM_DMIRROR_MIGRATE_TO_DEV },
+		{ to, HMM_DMIRROR_MIGRATE_TO_DEV },
+	};
+	double mibps[2];
+	int ret = mig_steps(step, size, thp, mibps);
 
-	if (!mirror)
-		exit(1);
-	for (i = 0; i < MIG_RUNS && !ret; i++) {
-		void *raw;
-		char *buf = mig_map(size, thp, &raw);
-
-		ret = mig_cmd(from, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror,
-			      npages);
-		t0 = bench_now_us();
-		if (!ret)
-			ret = mig_cmd(to, HMM_DMIRROR_MIGRATE_TO_DEV, buf,
-				      mirror, npages);
-		t[i] = bench_now_us() - t0;
-		munmap(raw, size + MIG_THP_SIZE);
-	}
-	free(mirror);
-	if (ret)
-		return ret;
-	*out = mig_mibps(size, t);
-	return 0;
+	*out = mibps[1];
+	return ret;
 }
 
 /* The device-to-device table, if the groups are there. */
