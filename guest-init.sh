@@ -8,7 +8,8 @@
 #
 # run_vm.sh copies this file into the initramfs unchanged. What varies from
 # run to run it writes beside it:
-#   /test_hmm.env   NAME=value lines, each value one plain word:
+#   /test_hmm.env   NAME=value lines, each value one plain word (letters,
+#                   digits, '_' and ','):
 #     GUEST_MODE    what to run: suite (our hmm-tests, through test_hmm.sh),
 #                   upstream (the kernel tree's hmm-tests), exec (the
 #                   --exec command), bench (hmm-bench) or fault (our
@@ -20,6 +21,9 @@
 #     FAULT_PERCENT fault: the chance that an allocation fails
 #     BENCH_BOTH    bench: 1 to measure /test_hmm_upstream.ko (the tree's
 #                   driver) after ours
+#     FIXED_BUGS    the kernel bugs of hmm-tests that the kernel has the
+#                   fixes of (--kernel-fixes), comma-separated, or none;
+#                   handed to hmm-tests as HMM_FIXED_BUGS
 #     GUEST_PASS, GUEST_FAIL, GUEST_SKIP
 #                   the result codes run_vm.sh expects
 #   /tests.list     the tests --tests selected, one full name a line (all
@@ -166,6 +170,7 @@ power_off() {
 	4) code=$GUEST_SKIP ;;
 	*) code=$GUEST_FAIL ;;
 	esac
+	# shellcheck disable=SC2059 # the format is the byte, an octal escape
 	printf "\\$(printf %o "$code")" |
 		dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
 	poweroff -f
@@ -176,7 +181,9 @@ export PATH=/bin:/sbin:/usr/share/kselftest/mm:/add
 mount_filesystems
 # Results go to the second serial port; the kernel keeps the first.
 exec >/dev/ttyS1 2>&1
+# shellcheck source=/dev/null # written by run_vm.sh
 . /test_hmm.env
+[ "$FIXED_BUGS" = none ] || export HMM_FIXED_BUGS="$FIXED_BUGS"
 echo "test_hmm-guest: started on $(uname -r)"
 kmemleak_clear
 

@@ -16,6 +16,8 @@
 #   apt/.lock              the private apt cache; exclusive, short
 #   src/<package>.lock     the unpacked Debian source: shared, exclusive
 #                          while it is replaced
+#   tools/.lock            the tools --lint builds (sparse): exclusive,
+#                          short
 #   build/<name>/.test_hmm.lock
 #                          the kernel build: shared, exclusive while it is
 #                          configured and built, so that no kernel is rebuilt
@@ -47,6 +49,10 @@ readonly KERNEL_SECURITY_SUITES="trixie-security bookworm-security"
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 readonly REPO
 readonly CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/test_hmm
+# The fixes of the kernel bugs the suite found, and the list of which
+# patch fixes which bug.
+readonly KERNEL_FIXES=$REPO/kernel-fixes
+readonly KERNEL_FIXES_BUGS=$KERNEL_FIXES/BUGS
 T0=$(date +%s.%N)
 readonly T0
 
@@ -97,7 +103,8 @@ readonly NPROC
 #            (not given, the option is off)
 #   CHECK    the kind of value check_value() accepts: flag, series (X.Y),
 #            count (1 or more), count0 (0 or more), seconds, percent,
-#            regex, command, dir, file, patches (a file or a directory)
+#            regex, command, dir, path (one to be made), file, patches
+#            (a file or a directory)
 readonly OPTIONS="
 # option          ARG         DEFAULT                 CHECK
 --kernel-series   X.Y         $KERNEL_SERIES_DEFAULT  series
@@ -110,6 +117,11 @@ readonly OPTIONS="
 	apply the patch P, or P/*.patch and P/*.diff in name order (patch
 	-p1), to a copy of the kernel tree and test that; the copy and its
 	build are kept and rebuilt incrementally for the next set of patches
+--kernel-fixes    -           -                       flag
+	apply the fixes of the kernel bugs the suite found (kernel-fixes/,
+	as with --kernel-patches, in a copy and build of their own) and run
+	the suite with those bugs known fixed: the tests that name them
+	then run the steps they skip on an unfixed kernel
 --mutants         [DIR]       $REPO/mutants           dir
 	mutation testing: run the suite on the unpatched kernel, then on
 	each mutant DIR/*.patch with --kernel-patches, and print which
@@ -165,6 +177,12 @@ readonly OPTIONS="
 --lint            -           -                       flag
 	static checks only: checkpatch --strict on our C files and a W=1
 	module build that must be warning-free
+--export-series   DIR         -                       path
+	write the project as a patch series against the kernel tree into
+	DIR (git format-patch, with a cover letter), then check it: git am
+	onto a fresh copy of the tree, and after each patch the driver built
+	with the tree's CONFIG_TEST_HMM=m and the tree's mm selftests built
+	(export-series.sh)
 --list-series     -           -                       flag
 	list the kernel series Debian offers (linux-source-X.Y in its suites),
 	with the newest version of each, and exit
@@ -182,10 +200,16 @@ readonly CONFLICTS="
 --fault-inject   --upstream-tests   --fault-inject runs our suite on our driver
 --fault-inject   --upstream-driver  --fault-inject runs our suite on our driver
 --mutants        --kernel-patches   --mutants applies each mutant with --kernel-patches itself
+--mutants        --kernel-fixes     --mutants applies each mutant with --kernel-patches itself
+--kernel-fixes   --kernel-patches   both choose the patches to apply
 --mutants        --exec             --mutants runs the suites itself
 --mutants        --bench            --mutants runs the suites itself
 --mutants        --fault-inject     --mutants runs the suites itself
 --mutants        --lint             --mutants runs the suites itself
+--mutants        --export-series    --mutants runs the suites itself
+--export-series  --lint             both are what the run does
+--export-series  --kernel-fixes     the series is against the tree as it is
+--export-series  --kernel-patches   the series is against the tree as it is
 --mutants        --repeat           --mutants runs the suites itself
 --mutants        --add              --mutants runs the suites itself
 --expected-tests --tests            --expected-tests picks the tests itself
@@ -354,6 +378,7 @@ check_value() {
 	percent) [[ $VALUE =~ ^([1-9][0-9]?|100)$ ]] ||
 			want="a percentage, 1 to 100" ;;
 	command) [ -n "$VALUE" ] || want="a command" ;;
+	path) [ -n "$VALUE" ] || want="a path" ;;
 	regex)
 		# grep says 2 for a bad expression, 1 for no match.
 		grep -E -- "$VALUE" </dev/null >/dev/null 2>&1 || rc=$?
@@ -427,6 +452,16 @@ plan_run() {
 		if on --kasan; then
 			TIMEOUT=$((TIMEOUT * KASAN_SLOWDOWN))
 		fi
+	fi
+	# --kernel-fixes is --kernel-patches with the repository's fixes, in
+	# a copy and build of their own, and the suite told of them.
+	PATCH_KIND=patched
+	FIXED_BUGS=none
+	if on --kernel-fixes; then
+		OPT[--kernel-patches]=$KERNEL_FIXES
+		PATCH_KIND=fixes
+		# shellcheck disable=SC2034 # write_guest_env reads it
+		FIXED_BUGS=$(fixed_bugs)
 	fi
 	FRAGMENTS=("$REPO/Kconfig.fragment")
 	if on --kasan; then
@@ -569,6 +604,34 @@ patch patch
 /usr/lib/x86_64-linux-gnu/liburing.a liburing-dev
 "
 
+# What --lint needs besides: the analysers (sparse itself may have to be
+# built, see find_sparse()), python3-ply for checkpatch's SPDX check of the
+# kernel fixes, python3 for the tree's kernel-doc, and OCaml for the two
+# coccinelle rules scripted in it (Debian's coccinelle only recommends it).
+# What --export-series needs besides: git, python3-ply for checkpatch's
+# SPDX check, and the libraries the tree's other mm selftests link with.
+readonly SERIES_DEPS="
+git git
+/usr/lib/python3/dist-packages/ply/__init__.py python3-ply
+/usr/include/sys/capability.h libcap-dev
+/usr/include/numa.h libnuma-dev
+"
+
+# What --bench needs besides: gnuplot for the plots.
+readonly BENCH_DEPS="
+gnuplot gnuplot-nox
+"
+
+readonly LINT_DEPS="
+shellcheck shellcheck
+/usr/lib/python3/dist-packages/ply/__init__.py python3-ply
+spatch coccinelle
+ocaml ocaml-nox
+python3 python3
+"
+
+# missing_packages [DEPS]: the packages of DEPS (default: HOST_DEPS) that
+# this machine lacks, one a line.
 missing_packages() {
 	local what pkg
 	while read -r what pkg; do
@@ -585,19 +648,20 @@ missing_packages() {
 			perl -M"$what" -e 1 >/dev/null 2>&1 || echo "$pkg" ;;
 		*) command -v "$what" >/dev/null 2>&1 || echo "$pkg" ;;
 		esac
-	done <<<"$HOST_DEPS"
+	done <<<"${1:-$HOST_DEPS}"
 }
 
+# install_deps [DEPS]: install what missing_packages DEPS names.
 install_deps() {
-	local missing=()
-	[ -n "$(missing_packages)" ] || return 0
+	local deps=${1:-$HOST_DEPS} missing=()
+	[ -n "$(missing_packages "$deps")" ] || return 0
 	if [ "$(id -u)" -ne 0 ]; then
 		die 125 "missing packages; install them with:
-  sudo apt-get install -y --no-install-recommends $(missing_packages | sort -u | tr '\n' ' ')"
+  sudo apt-get install -y --no-install-recommends $(missing_packages "$deps" | sort -u | tr '\n' ' ')"
 	fi
 	# One installer at a time; the first may install what the second needs.
 	lock "$CACHE/apt/.lock" -x deps "the package installation" installing
-	mapfile -t missing < <(missing_packages | sort -u)
+	mapfile -t missing < <(missing_packages "$deps" | sort -u)
 	if [ ${#missing[@]} -gt 0 ]; then
 		progress "deps: installing ${missing[*]}"
 		if ! { DEBIAN_FRONTEND=noninteractive apt-get update -q &&
@@ -625,13 +689,14 @@ debian_mirror() {
 # apt-get and apt-cache with a private configuration under the cache
 # directory: the system's sources are neither read nor changed. Callers hold
 # apt/.lock.
+# APT_DIR, when set, is another such configuration (find_sparse()).
 private_apt() {
-	local tool=$1
+	local tool=$1 dir=${APT_DIR:-$CACHE/apt}
 	shift
-	"$tool" -q -o Dir::Etc::SourceList="$CACHE/apt/sources.list" \
+	"$tool" -q -o Dir::Etc::SourceList="$dir/sources.list" \
 		-o Dir::Etc::SourceParts=/nonexistent \
-		-o Dir::State::Lists="$CACHE/apt/lists" \
-		-o Dir::Cache="$CACHE/apt" \
+		-o Dir::State::Lists="$dir/lists" \
+		-o Dir::Cache="$dir" \
 		-o APT::Sandbox::User=root "$@"
 }
 
@@ -738,6 +803,15 @@ fetch_debian_source() {
 fetch() {
 	mkdir -p "$CACHE/apt"
 	install_deps
+	if on --lint; then
+		install_deps "$LINT_DEPS"
+	fi
+	if on --export-series; then
+		install_deps "$SERIES_DEPS"
+	fi
+	if on --bench; then
+		install_deps "$BENCH_DEPS"
+	fi
 	if on --kernel-src; then
 		KSRC=${OPT[--kernel-src]}
 		if [ ! -f "$KSRC/Makefile" ] || [ ! -d "$KSRC/mm" ]; then
@@ -790,17 +864,35 @@ patch_files() {
 	echo "$files"
 }
 
-# Tests a copy of the tree instead: $CACHE/src/patched-<name>, one for each
-# kernel build. The build of the copy is kept from one set of patches to the
+# fixed_bugs: the ids of the bugs kernel-fixes/ fixes (the suite's names,
+# HMM_BUG_* in hmm-tests.c), comma-separated: one for each patch there.
+fixed_bugs() {
+	local id patch ids=() f
+	[ -f "$KERNEL_FIXES_BUGS" ] || die 2 "$KERNEL_FIXES_BUGS is missing"
+	while read -r id patch; do
+		case $id in ''|'#'*) continue ;; esac
+		[ -f "$KERNEL_FIXES/$patch" ] ||
+			die 2 "$KERNEL_FIXES_BUGS: $patch (bug $id) is not in $KERNEL_FIXES"
+		ids+=("$id")
+	done <"$KERNEL_FIXES_BUGS"
+	while read -r f; do
+		grep -q " ${f##*/}\$" "$KERNEL_FIXES_BUGS" ||
+			die 2 "$KERNEL_FIXES_BUGS does not name the bug ${f##*/} fixes"
+	done < <(patch_files "$KERNEL_FIXES")
+	(IFS=,; echo "${ids[*]}")
+}
+
+# Tests a copy of the tree instead: $CACHE/src/<kind>-<name> (kind: patched,
+# or fixes for --kernel-fixes), one for each kernel build. The build of the copy is kept from one set of patches to the
 # next, so that only what the patches change is rebuilt.
 use_patched_source() {
 	local hash
 	hash=$(patch_files | while read -r f; do cat "$f"; done |
 	       sha1sum | cut -c1-12)
 	PATCH_BASE=$KSRC
-	KSRC=$CACHE/src/patched-$BUILD_NAME
+	KSRC=$CACHE/src/$PATCH_KIND-$BUILD_NAME
 	KSRC_ID+=" + patches $hash"
-	BUILD_NAME+=-patched
+	BUILD_NAME+=-$PATCH_KIND
 }
 
 # Makes the copy equal to the tree, then applies the patches; run under the
@@ -1006,7 +1098,14 @@ build_tests() {
 }
 
 build() {
+	if on --lint; then
+		find_sparse
+	fi
 	kernel
+	# The series is checked in a copy of its own (export-series.sh).
+	if on --export-series; then
+		return 0
+	fi
 	lock_run_dir
 	if on --lint; then
 		return 0
@@ -1031,29 +1130,143 @@ build() {
 
 # --- Step: lint ------------------------------------------------------------
 
-lint() {
+# --- Step: lint ------------------------------------------------------------
+
+# Is $1 a sparse the tree accepts (its scripts/checker-valid.sh)?
+sparse_valid() {
+	[ "$(sh "$KSRC/scripts/checker-valid.sh" "$1" 2>/dev/null)" = 1 ]
+}
+
+# SPARSE: a sparse the tree accepts. Linux 7.3's headers use
+# __typeof_unqual__ under __CHECKER__, which Debian 12's sparse (0.6.4) does
+# not parse, so the tree refuses it; then sparse is built, once, from the
+# source package of Debian sid (0.6.5~rc1 today: its upstream tarball, with
+# none of Debian's build patches) into $CACHE/tools/sparse.
+find_sparse() {
+	local tools=$CACHE/tools dir=$CACHE/tools/sparse log=$CACHE/tools/sparse.log
+	local src
+	for SPARSE in sparse "$dir/sparse"; do
+		! sparse_valid "$SPARSE" || return 0
+	done
+	mkdir -p "$tools"
+	lock "$tools/.lock" -x build "the tools" building
+	if ! sparse_valid "$dir/sparse"; then
+		progress "lint: building sparse from Debian sid's source (the system's is too old for the tree)"
+		rm -rf "$dir" "$tools/apt"
+		mkdir -p "$dir" "$tools/apt/lists/partial" "$tools/apt/archives/partial"
+		echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $(debian_mirror) sid main" \
+			>"$tools/apt/sources.list"
+		{ APT_DIR=$tools/apt private_apt apt-get update &&
+		  (cd "$tools/apt" &&
+		   APT_DIR=$tools/apt private_apt apt-get source \
+			--download-only sparse); } >"$log" 2>&1 ||
+			die 125 "could not fetch the source of sparse; see $log"
+		src=$(find "$tools/apt" -maxdepth 1 -name 'sparse_*.orig.tar.*')
+		if ! { tar -xf "$src" -C "$dir" --strip-components=1 &&
+		       make -C "$dir" -j"$NPROC" HAVE_LLVM=no HAVE_SQLITE=no \
+				HAVE_GTK=no sparse; } >>"$log" 2>&1; then
+			die 125 "could not build sparse; see $log"
+		fi
+		sparse_valid "$dir/sparse" ||
+			die 125 "the tree does not accept $dir/sparse either"
+	fi
+	unlock "$tools/.lock"
+	SPARSE=$dir/sparse
+}
+
+# lint_step NAME CMD...: one analyser, a progress line, and its output; fails
+# if CMD fails or prints anything.
+lint_step() {
+	local name=$1 out
+	shift
+	progress "lint: $name"
+	if ! out=$("$@" 2>&1) || [ -n "$out" ]; then
+		printf '%s\n' "$out"
+		progress "lint: $name: FAILED"
+		return 1
+	fi
+}
+
+lint_checkpatch() {
 	local files=(lib/test_hmm.c lib/test_hmm_uapi.h
 		     tools/testing/selftests/mm/hmm-tests.c
 		     tools/testing/selftests/mm/hmm-bench.c
 		     compat/test_hmm_compat.h compat/probes/*.c)
-	local rc=0
-	progress "lint: checkpatch.pl --strict"
-	(cd "$REPO" && "$KSRC/scripts/checkpatch.pl" --strict --no-tree \
-		--quiet --show-types -f "${files[@]}") || rc=1
-	progress "lint: module build with W=1"
-	# From scratch, or an up-to-date module would hide its warnings.
-	rm -f "$CACHE/module/$BUILD_NAME"/*.o "$CACHE/module/$BUILD_NAME"/*.ko
+	cd "$REPO" &&
+	"$KSRC/scripts/checkpatch.pl" --strict --no-tree --quiet \
+		--show-types -f "${files[@]}"
+}
+
+# The fixes are patches for the submitter to sign: all but the sign-off.
+lint_kernel_fixes() {
+	fixed_bugs >/dev/null &&
+	patch_files "$KERNEL_FIXES" | while read -r f; do
+		"$KSRC/scripts/checkpatch.pl" --strict --quiet --show-types \
+			--ignore MISSING_SIGN_OFF "$f" || exit 1
+	done
+}
+
+# From scratch, or an up-to-date module would hide its warnings.
+lint_module_w1() {
+	rm -f "$MODDIR"/*.o "$MODDIR"/*.ko
 	build_module
-	if grep -E 'warning:|error:' "$MODDIR/build.log"; then
+	grep -E 'warning:|error:' "$MODDIR/build.log" || true
+}
+
+# sparse over the module (C=2: every file, built or not); its findings are
+# warnings and errors in the build output.
+lint_sparse() {
+	make -C "$KSRC" O="$KBUILD" M="$MODDIR" W=1 C=2 CHECK="$SPARSE" modules \
+		>"$MODDIR/sparse.log" 2>&1 || cat "$MODDIR/sparse.log"
+	grep -E 'warning:|error:' "$MODDIR/sparse.log" || true
+}
+
+lint_kernel_doc() {
+	"$KSRC/scripts/kernel-doc" -Wall -none "$REPO/lib/test_hmm.c" \
+		"$REPO/lib/test_hmm_uapi.h"
+}
+
+# The tree's coccinelle rules on the module; a finding is a line naming one
+# of its files.
+lint_coccicheck() {
+	make -C "$KSRC" O="$KBUILD" M="$MODDIR" coccicheck MODE=report \
+		J="$NPROC" >"$MODDIR/coccicheck.log" 2>&1 ||
+		cat "$MODDIR/coccicheck.log"
+	grep -E '^(\./)?[^ ]*\.[ch]:[0-9]+:' "$MODDIR/coccicheck.log" || true
+}
+
+# The test programs as the run builds them, every warning an error.
+lint_tests() {
+	local prog
+	for prog in hmm-tests hmm-bench; do
+		gcc -O2 -Wall -Wextra -Werror -DHMM_HAVE_LIBURING \
+			-isystem "$KBUILD/usr/include" \
+			-I "$KSRC/tools/testing/selftests" -I "$REPO" \
+			-I "$KSRC" -c -o /dev/null \
+			"$REPO/tools/testing/selftests/mm/$prog.c" || return 1
+	done
+}
+
+lint_shellcheck() {
+	cd "$REPO" &&
+	shellcheck run_vm.sh fresh-check.sh .ci/run compat/probe.sh &&
+	shellcheck -s sh guest-init.sh tools/testing/selftests/mm/test_hmm.sh
+}
+
+# Every analyser, each a progress line; all of them run even if one fails.
+lint() {
+	local rc=0
+	MODDIR=$CACHE/module/$BUILD_NAME
+	lint_step "checkpatch.pl --strict" lint_checkpatch || rc=1
+	lint_step "checkpatch.pl --strict kernel-fixes/ (but the sign-off)" \
+		lint_kernel_fixes || rc=1
+	lint_step "module build with W=1" lint_module_w1 || rc=1
+	lint_step "sparse C=2 ($SPARSE)" lint_sparse || rc=1
+	lint_step "kernel-doc -Wall -none" lint_kernel_doc || rc=1
+	lint_step "coccicheck MODE=report" lint_coccicheck || rc=1
+	lint_step "test programs with -Wall -Wextra -Werror" lint_tests ||
 		rc=1
-	fi
-	progress "lint: bash -n / sh -n on scripts"
-	bash -n "$REPO/run_vm.sh" || rc=1
-	sh -n "$REPO/tools/testing/selftests/mm/test_hmm.sh" || rc=1
-	sh -n "$REPO/guest-init.sh" || rc=1
-	bash -n "$REPO/.ci/run" || rc=1
-	bash -n "$REPO/fresh-check.sh" || rc=1
-	bash -n "$REPO/compat/probe.sh" || rc=1
+	lint_step "shellcheck" lint_shellcheck || rc=1
 	if [ $rc = 0 ]; then
 		progress "lint: clean"
 	else
@@ -1120,13 +1333,13 @@ $(list_tests "$prog")"
 write_guest_env() {
 	local name value
 	for name in GUEST_MODE REPEAT SPM_ADDR0 SPM_ADDR1 FAULT_PERCENT \
-		    BENCH_BOTH GUEST_PASS GUEST_FAIL GUEST_SKIP; do
+		    BENCH_BOTH FIXED_BUGS GUEST_PASS GUEST_FAIL GUEST_SKIP; do
 		case $name in
 		REPEAT) value=${OPT[--repeat]} ;;
 		FAULT_PERCENT) value=${OPT[--fault-inject]:-0} ;;
 		*) value=${!name} ;;
 		esac
-		[[ $value =~ ^[A-Za-z0-9_]+$ ]] ||
+		[[ $value =~ ^[A-Za-z0-9_,]+$ ]] ||
 			die 125 "guest setting $name='$value' is not one plain word"
 		echo "$name=$value"
 	done
@@ -1486,6 +1699,9 @@ report() {
 	else
 		report_tests
 	fi
+	if [ "$GUEST_MODE" = bench ]; then
+		bench_outputs
+	fi
 	if [ -n "$(splat_lines)" ]; then
 		verdict fail "kernel log: splat (see $CONSOLE_LOG)"
 		splat_signatures
@@ -1497,6 +1713,119 @@ report() {
 	echo "$N_PASS passed, $N_FAIL failed, $N_SKIP skipped"
 	[ "$N_FAIL" = 0 ] || exit 1
 	exit 0
+}
+
+# The bench's tables as CSV files, one a table, and plots of them, in
+# run/<name>/bench: hmm-bench prints each table also as "csv,<table>,..."
+# lines, the first its header; after guest-init.sh's "# test_hmm: the
+# kernel tree" line they are the tree's driver's (--bench
+# --upstream-driver). The files have a first column "driver": ours or tree.
+bench_outputs() {
+	local dir=$CACHE/run/$BUILD_NAME/bench f
+	rm -rf "$dir"
+	mkdir -p "$dir"
+	awk -v dir="$dir" '
+		BEGIN { driver = "ours" }
+		/^# test_hmm: the kernel tree/ { driver = "tree" }
+		/^csv,[a-z0-9_]+,/ {
+			table = $0
+			sub(/^csv,/, "", table)
+			row = table
+			sub(/,.*/, "", table)
+			sub(/^[^,]*,/, "", row)
+			file = dir "/" table ".csv"
+			if (row !~ /^[0-9]/) {
+				if (!(file in header))
+					print "driver," row > file
+				header[file] = 1
+			} else if (file in header) {
+				print driver "," row > file
+			}
+		}' "$RESULTS_LOG"
+	for f in "$dir"/*.csv; do
+		[ -f "$f" ] || continue
+		progress "bench: $f"
+	done
+	bench_plots "$dir"
+}
+
+# bench_plots DIR: SVG plots of the CSV files in DIR: migration throughput
+# over the size (4 KiB and THP, both ways, each driver), and munmap() time
+# over the number of devices (single-pass, two-pass and the fixed cost, one
+# plot per flush latency).
+bench_plots() {
+	local dir=$1 f name lat
+	if ! command -v gnuplot >/dev/null; then
+		progress "bench: no gnuplot (Debian: gnuplot-nox): no plots"
+		return 0
+	fi
+	for f in "$dir"/*.csv; do
+		[ -f "$f" ] || continue
+		name=$(basename "$f" .csv)
+		case $name in
+		migration)
+			bench_gnuplot "$dir/$name.svg" \
+				"Migration throughput (median)" "size (MiB)" \
+				"MiB/s" "set logscale x 2" \
+				"$(bench_series "$f" ours 3 "ours, 4K sys->dev" \
+					4 "ours, THP sys->dev" \
+					5 "ours, 4K dev->sys" \
+					6 "ours, THP dev->sys")" \
+				"$(bench_series "$f" tree 3 "tree, 4K sys->dev" \
+					4 "tree, THP sys->dev" \
+					5 "tree, 4K dev->sys" \
+					6 "tree, THP dev->sys")" ;;
+		munmap_*)
+			lat=${name#munmap_}
+			bench_gnuplot "$dir/$name.svg" \
+				"munmap() over N mirroring devices, flush latency $lat us (median)" \
+				"devices" "us" "set xtics (1, 2, 4, 8)" \
+				"$(bench_series "$f" ours 3 "fixed cost (L = 0)" \
+					4 "single-pass" 5 "two-pass")" ;;
+		*) continue ;;
+		esac
+		progress "bench: plot $dir/$name.svg"
+	done
+}
+
+# bench_series CSV DRIVER COLUMN TITLE...: the gnuplot plot clauses of
+# DRIVER's rows (x: the second column), comma-separated; nothing if the
+# file has none.
+bench_series() {
+	local csv=$1 driver=$2 out=()
+	shift 2
+	grep -q "^$driver," "$csv" || return 0
+	while [ $# -ge 2 ]; do
+		out+=("\"< grep '^$driver,' $csv\" using 2:$1 with linespoints title \"$2\"")
+		shift 2
+	done
+	(IFS=,; echo "${out[*]}")
+}
+
+# bench_gnuplot SVG TITLE XLABEL YLABEL SETUP SERIES...: one plot of the
+# non-empty SERIES.
+bench_gnuplot() {
+	local svg=$1 title=$2 xlabel=$3 ylabel=$4 setup=$5 plot='' series
+	shift 5
+	for series in "$@"; do
+		[ -z "$series" ] || plot+=${plot:+, }$series
+	done
+	if ! gnuplot >"$svg.log" 2>&1 <<EOF; then
+set terminal svg size 900,540 dynamic
+set output "$svg"
+set datafile separator ","
+set title "$title"
+set xlabel "$xlabel"
+set ylabel "$ylabel"
+set key outside right
+set grid
+$setup
+plot $plot
+EOF
+		progress "bench: gnuplot failed; see $svg.log"
+		return 0
+	fi
+	rm -f "$svg.log"
 }
 
 # --- Mode: --mutants -------------------------------------------------------
@@ -1677,6 +2006,10 @@ main() {
 	build
 	if on --lint; then
 		lint
+		exit
+	fi
+	if on --export-series; then
+		"$REPO/export-series.sh" "$KSRC" "$KBUILD" "${OPT[--export-series]}"
 		exit
 	fi
 	pack

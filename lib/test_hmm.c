@@ -2073,29 +2073,38 @@ static int dmirror_range_fault_locked(struct hmm_range *range,
 
 /**
  * dmirror_hmm_pfn() - the pfn of one hmm_range_fault() output
+ * @mdevice: device
  * @hpfn: the output for @addr
  * @addr: its address
  *
  * For a device-private folio mapped by a PMD, hmm_vma_handle_absent_pmd() in
  * Linux 7.3 returns the folio's first pfn for the first page of the range
  * and counts up from there, which is wrong when the range starts inside the
- * folio (the present-PMD path adds the offset). The pfn is recomputed from
- * the folio, which gives the same answer where the core is right.
+ * folio (the present-PMD path adds the offset; fixed by "mm/hmm: add the
+ * offset of start to the pfn of a device-private PMD"). The pfn is
+ * recomputed from the folio, which gives the same answer where the core is
+ * right; each output that needed it is counted (pmd_pfn_fixups), so that
+ * the bug stays visible to the tests.
  *
  * Context: pt_lock held after a successful mmu_interval_read_retry(), so
  * the page cannot go away.
  * Return: the pfn mapped at @addr.
  */
-static unsigned long dmirror_hmm_pfn(unsigned long hpfn, unsigned long addr)
+static unsigned long dmirror_hmm_pfn(struct dmirror_device *mdevice,
+				     unsigned long hpfn, unsigned long addr)
 {
 	unsigned long pfn = hpfn & ~HMM_PFN_FLAGS;
 	unsigned int order = hmm_pfn_to_map_order(hpfn);
 	struct page *page = pfn_to_page(pfn);
+	unsigned long right;
 
 	if (!order || !is_device_private_page(page))
 		return pfn;
-	return folio_pfn(page_folio(page)) +
-	       ((addr & ((PAGE_SIZE << order) - 1)) >> PAGE_SHIFT);
+	right = folio_pfn(page_folio(page)) +
+		((addr & ((PAGE_SIZE << order) - 1)) >> PAGE_SHIFT);
+	if (right != pfn)
+		atomic64_inc(dmirror_stat(mdevice, pmd_pfn_fixups));
+	return right;
 }
 
 /**
@@ -2154,7 +2163,7 @@ static void dmirror_pt_install(struct dmirror *dmirror,
 
 		if (WARN_ON_ONCE(!(hpfn & HMM_PFN_VALID)))
 			continue;
-		pfn = dmirror_hmm_pfn(hpfn, addr);
+		pfn = dmirror_hmm_pfn(dmirror->mdevice, hpfn, addr);
 		flags = dmirror_pte_flags(dmirror->mdevice, pfn_to_page(pfn),
 					  hpfn);
 		dmirror_pte_set(dmirror, leaf, addr,
@@ -2987,11 +2996,12 @@ static int dmirror_snapshot(struct dmirror *dmirror,
 
 /*
  * Whether the device takes migrations of large folios as large folios.
- * Device-coherent THPs run into two 7.3 core bugs that the test suite
- * documents and steps around (HMM_BUG_COHERENT_THP_* in hmm-tests.c):
- * migrate_vma_setup() does not collect a PMD-mapped coherent folio for
- * migration back, and a partly unmapped one is freed while still on the
- * deferred split queue. They are kept large so that the suite keeps
+ * Device-coherent THPs run into Linux 7.3 core bugs that the test suite
+ * names and steps around on a kernel without their fixes
+ * (HMM_BUG_COHERENT_THP_* in hmm-tests.c): migrate_vma_setup() does not
+ * collect a PMD-mapped coherent folio for migration back, a partly unmapped
+ * one is freed while still on the deferred split queue, and a split one
+ * loses the pgmap of its pages. They are kept large so that the suite keeps
  * exercising those paths.
  */
 static bool dmirror_want_large(unsigned long src)
@@ -3016,14 +3026,19 @@ static void dmirror_copy_in(struct page *dpage, struct page *spage)
 }
 
 /*
- * A peer's device-coherent THP stays where it is: migrate_vma_setup()
- * collects it only because system memory is selected, as if it were a
- * system THP (the 7.3 bug the suite names HMM_BUG_COHERENT_THP_TO_SYS),
- * and freeing it after a migration warns.
+ * A device-coherent THP of an owner the migration did not select stays where
+ * it is: Linux 7.3's migrate_vma_setup() collects a PMD-mapped one whenever
+ * system memory is selected, as if it were system memory (the bug the suite
+ * names HMM_BUG_COHERENT_THP_TO_SYS, fixed by "mm/migrate_device: select a
+ * device-coherent PMD folio by its owner"), and its own driver does not
+ * expect it to move. One of the device's own owner (its group's) is
+ * collected as device-coherent memory by a fixed kernel, and moves.
  */
-static bool dmirror_coherent_thp(struct page *spage, unsigned long nr)
+static bool dmirror_foreign_coherent_thp(struct dmirror_device *mdevice,
+					 struct page *spage, unsigned long nr)
 {
-	return spage && nr > 1 && is_device_coherent_page(spage);
+	return spage && nr > 1 && is_device_coherent_page(spage) &&
+	       !dmirror_page_owned(mdevice, spage);
 }
 
 /* Give back the first @n destinations of a migration, before it runs. */
@@ -3403,7 +3418,7 @@ static bool dmirror_migrate_alloc_to_dev(struct dmirror_migration *mig)
 		if (!(src & MIGRATE_PFN_MIGRATE) ||
 		    (mdevice->group && spage &&
 		     dmirror_page_local(mdevice, spage)) ||
-		    dmirror_coherent_thp(spage, nr)) {
+		    dmirror_foreign_coherent_thp(mdevice, spage, nr)) {
 			i += nr;
 			continue;
 		}

@@ -218,6 +218,10 @@ struct hmm_dmirror_cmd {
  * @timeslice_waits: CPU faults on device pages that waited for the end of
  *	their timeslice (&hmm_dmirror_settings.timeslice_ms) before taking
  *	them back
+ * @pmd_pfn_fixups: outputs of hmm_range_fault() for a device-private PMD
+ *	whose pfn the driver corrected: Linux 7.3's
+ *	hmm_vma_handle_absent_pmd() leaves out the offset of a range that
+ *	starts inside the PMD. Stays 0 on a kernel without that bug.
  *
  * @finish_pool, @finish_free, @notifiers_live and @interconnect_group are
  * gauges, the rest counters.
@@ -251,6 +255,7 @@ struct hmm_dmirror_stats {
 	__u64		evictions;
 	__u64		pages_evicted;
 	__u64		timeslice_waits;
+	__u64		pmd_pfn_fixups;
 };
 
 /**

@@ -26,6 +26,9 @@
  *
  * Usage: hmm-bench [-M] [-l latency_us]... [-r runs]   (root, test_hmm loaded)
  * -M: migration only.
+ * Each table is printed for people ("# " lines) and once more as CSV: lines
+ * "csv,<table>,<column>,..." (the first of each table its header), which
+ * run_vm.sh --bench collects into CSV files and plots.
  * Default: tables at L = 200 us (the driver's default) and 2000 us.
  * run_vm.sh --bench runs it in the QEMU guest.
  */
@@ -133,6 +136,11 @@ static double bench_config(int ndev, __u32 invalidation, __u64 latency_ns,
 	double *samples, median;
 	int i;
 
+	if (ndev < 1 || ndev > BENCH_MAX_DEVICES) {
+		fprintf(stderr, "hmm-bench: %d devices, 1 to %d possible\n",
+			ndev, BENCH_MAX_DEVICES);
+		exit(1);
+	}
 	samples = calloc(runs, sizeof(*samples));
 	if (!samples)
 		exit(1);
@@ -273,6 +281,7 @@ static int mig_table(void)
 	printf("(sys->dev includes the device's read-back)\n");
 	printf("# %6s %12s %12s %12s %12s %8s %8s\n", "MiB", "4K s->d",
 	       "THP s->d", "4K d->s", "THP d->s", "THP/4K", "THP/4K");
+	printf("csv,migration,mib,4k_s2d,thp_s2d,4k_d2s,thp_d2s\n");
 	for (i = 0; i < ARRAY_SIZE(mig_sizes_mb); i++) {
 		size_t size = mig_sizes_mb[i] << 20;
 		double small[2], huge[2];
@@ -290,6 +299,8 @@ static int mig_table(void)
 		printf("# %6lu %12.0f %12.0f %12.0f %12.0f %8.2f %8.2f\n",
 		       mig_sizes_mb[i], small[0], huge[0], small[1], huge[1],
 		       huge[0] / small[0], huge[1] / small[1]);
+		printf("csv,migration,%lu,%.1f,%.1f,%.1f,%.1f\n",
+		       mig_sizes_mb[i], small[0], huge[0], small[1], huge[1]);
 	}
 	close(fd);
 	return 0;
@@ -513,6 +524,8 @@ static void bench_table(unsigned long latency_us, int runs)
 	printf("# %7s %10s %16s %14s %11s %15s\n", "devices", "L=0 us",
 	       "single-pass us", "two-pass us", "single/two",
 	       "(two-L=0)/L");
+	printf("csv,munmap_%lu,devices,fixed_us,single_us,two_us\n",
+	       latency_us);
 	for (i = 0; i < sizeof(bench_device_counts) / sizeof(int); i++) {
 		int n = bench_device_counts[i];
 		double base, single, two;
@@ -525,6 +538,8 @@ static void bench_table(unsigned long latency_us, int runs)
 				   runs);
 		printf("# %7d %10.1f %16.1f %14.1f %11.2f %15.2f\n", n, base,
 		       single, two, single / two, (two - base) / latency_us);
+		printf("csv,munmap_%lu,%d,%.1f,%.1f,%.1f\n", latency_us, n,
+		       base, single, two);
 	}
 }
 

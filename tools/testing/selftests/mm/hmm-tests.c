@@ -1556,29 +1556,103 @@ static unsigned char hmm_cpu_touched(bool coherent)
 }
 
 /*
- * Kernel bugs (7.3) that device-coherent THPs run into and that the driver
- * cannot work around. The steps that hit them are left out for
- * device-coherent memory, saying so in the log, until the kernel is fixed:
+ * Kernel bugs (Linux 7.3) the suite found; the test_hmm project has a patch
+ * for each (kernel-fixes/), and its run_vm.sh --kernel-fixes runs the suite
+ * on a kernel with them. The environment variable HMM_FIXED_BUGS lists,
+ * comma-separated, the ids of the bugs the kernel under test is known to
+ * have fixed ("all": every one); run_vm.sh --kernel-fixes sets it from
+ * kernel-fixes/BUGS.
+ *
+ * A test step that would hit a bug not known fixed is left out, and the test
+ * ends with SKIP naming the bug (hmm_bug()); where the bug shows without
+ * harm to the kernel the step runs, and the test SKIPs naming the bug only
+ * when it sees it. On a kernel known fixed, every such step runs and must
+ * pass: "fails without the fix" is then a FAIL (or, for the split queue, a
+ * kernel WARNING, which fails the run).
+ *
+ * HMM_BUG_PMD_PFN_OFFSET: hmm_vma_handle_absent_pmd() fills the pfns of a
+ * device-private PMD without the offset of a range that starts inside it.
+ * The driver corrects them (the device would read the wrong page) and counts
+ * each correction (pmd_pfn_fixups), which migrate_thp_read_offset checks.
  *
  * HMM_BUG_COHERENT_THP_TO_SYS: migrate_vma_setup() collects a PMD-mapped
  * folio only with MIGRATE_VMA_SELECT_SYSTEM (migrate_vma_collect_huge_pmd()),
  * device-coherent ones too, so MIGRATE_TO_SYS moves no page of a THP in
- * device-coherent memory (cpages 0, the pages stay). A driver selecting
- * system memory as well gets a WARNING in free_zone_device_folio() (a folio
- * without pgmap) and device pages that stay pinned.
+ * device-coherent memory (cpages 0, the pages stay), and a migration
+ * selecting system memory takes any device-coherent THP as system memory.
  *
  * HMM_BUG_COHERENT_THP_SPLIT_QUEUE: unmapping part of a THP in
  * device-coherent memory, or unmapping it one page table at a time once it
  * is mapped by PTEs across two of them, puts it on the deferred split queue
  * (__folio_remove_rmap() leaves out device-private folios only), and
  * free_zone_device_folio() does not take it off before
- * mem_cgroup_uncharge(): WARNING in uncharge_folio(), and a freed folio
- * left on the queue.
+ * mem_cgroup_uncharge(): WARNING in uncharge_folio(). Never run unfixed.
+ *
+ * HMM_BUG_COHERENT_THP_SPLIT: splitting a device-coherent THP (a migration
+ * back to system memory in 4 KiB pages) leaves the new folios without their
+ * pgmap (zone_device_private_split_cb() handles device-private folios only):
+ * WARNING in free_zone_device_folio(), the pages never come back to the
+ * driver, and its unload hangs. Only reachable once
+ * HMM_BUG_COHERENT_THP_TO_SYS is fixed. Never run unfixed.
  */
-#define HMM_BUG_COHERENT_THP_TO_SYS \
-	"kernel bug: MIGRATE_TO_SYS moves no page of a device-coherent THP"
-#define HMM_BUG_COHERENT_THP_SPLIT_QUEUE \
-	"kernel bug: a partly unmapped device-coherent THP is freed while on the deferred split queue"
+enum hmm_bug {
+	HMM_BUG_PMD_PFN_OFFSET,
+	HMM_BUG_COHERENT_THP_TO_SYS,
+	HMM_BUG_COHERENT_THP_SPLIT_QUEUE,
+	HMM_BUG_COHERENT_THP_SPLIT,
+	HMM_NR_BUGS
+};
+
+static const struct {
+	const char	*id;
+	const char	*what;
+} hmm_bugs[HMM_NR_BUGS] = {
+	[HMM_BUG_PMD_PFN_OFFSET] = { "pmd_pfn_offset",
+		"hmm_range_fault() gives a device-private PMD's pfns without the range's offset" },
+	[HMM_BUG_COHERENT_THP_TO_SYS] = { "coherent_thp_to_sys",
+		"MIGRATE_TO_SYS moves no page of a device-coherent THP" },
+	[HMM_BUG_COHERENT_THP_SPLIT_QUEUE] = { "coherent_thp_split_queue",
+		"a partly unmapped device-coherent THP is freed on the deferred split queue" },
+	[HMM_BUG_COHERENT_THP_SPLIT] = { "coherent_thp_split",
+		"a split device-coherent THP loses the pgmap of its pages" },
+};
+
+/* Is @bug among those HMM_FIXED_BUGS says the kernel has the fix of? */
+static bool hmm_bug_fixed(enum hmm_bug bug)
+{
+	const char *list = getenv("HMM_FIXED_BUGS");
+	size_t len = strlen(hmm_bugs[bug].id);
+	const char *p;
+
+	if (!list)
+		return false;
+	if (!strcmp(list, "all"))
+		return true;
+	for (p = list; (p = strstr(p, hmm_bugs[bug].id)); p += len)
+		if ((p == list || p[-1] == ',') &&
+		    (p[len] == ',' || p[len] == '\0'))
+			return true;
+	return false;
+}
+
+/* How a test names @bug when it leaves a step out for it, or sees it. */
+static const char *hmm_bug(enum hmm_bug bug)
+{
+	static char text[HMM_NR_BUGS][256];
+
+	if (!text[bug][0])
+		snprintf(text[bug], sizeof(text[bug]),
+			 "kernel bug %s: %s (HMM_FIXED_BUGS=%s on a kernel with the fix)",
+			 hmm_bugs[bug].id, hmm_bugs[bug].what,
+			 hmm_bugs[bug].id);
+	return text[bug];
+}
+
+/* Does a device-coherent variant have to leave out a step for @bug? */
+static bool hmm_coherent_bug(bool coherent, enum hmm_bug bug)
+{
+	return coherent && !hmm_bug_fixed(bug);
+}
 
 /* Offset of the first word of @buf not holding @filled's data, else -1. */
 static long hmm_thp_check(const char *buf, size_t size, bool filled,
@@ -1613,7 +1687,7 @@ static void hmm_op_migrate_refused(struct __test_metadata *_metadata,
  * nothing (seed 0), the huge zero page (seed 0), or a THP. It becomes a
  * device THP, mapped by a PMD, with the data (zeros for the first two);
  * MIGRATE_TO_SYS brings it back as a THP and counts all of its pages
- * (device-private memory only: HMM_BUG_COHERENT_THP_TO_SYS). After a second
+ * (device-coherent memory: once HMM_BUG_COHERENT_THP_TO_SYS is fixed). After a second
  * migration, a CPU read brings a device-private THP back whole, and leaves
  * a device-coherent one where it is.
  */
@@ -1644,9 +1718,9 @@ static void hmm_op_migrate_thp(struct __test_metadata *_metadata,
 	ASSERT_SNAPSHOT(c->fd, b->ptr, b->npages, b->snap, local | thp)
 		TH_LOG("on the device");
 
-	if (c->coherent) {
+	if (hmm_coherent_bug(c->coherent, HMM_BUG_COHERENT_THP_TO_SYS)) {
 		hmm_skip_row(&c->skipped, "MIGRATE_TO_SYS: %s",
-			     HMM_BUG_COHERENT_THP_TO_SYS);
+			     hmm_bug(HMM_BUG_COHERENT_THP_TO_SYS));
 	} else {
 		ASSERT_CMD_ALL(c->fd, HMM_DMIRROR_MIGRATE_TO_SYS, b->ptr, NULL,
 			       b->npages, &cmd) TH_LOG("moved back");
@@ -3423,7 +3497,7 @@ static const struct {
 /*
  * munmap() of part of a THP in device memory: the rest stays mapped, in
  * device memory, now by 4 KiB entries, and the CPU reads its data.
- * Device-private memory only: HMM_BUG_COHERENT_THP_SPLIT_QUEUE.
+ * Device-coherent memory: once HMM_BUG_COHERENT_THP_SPLIT_QUEUE is fixed.
  */
 TEST_F(hmm, migrate_thp_partial_unmap)
 {
@@ -3434,8 +3508,9 @@ TEST_F(hmm, migrate_thp_partial_unmap)
 	struct hmm_buffer b;
 	char *ref;
 
-	if (variant->coherent)
-		SKIP(return, "%s", HMM_BUG_COHERENT_THP_SPLIT_QUEUE);
+	if (hmm_coherent_bug(variant->coherent,
+			     HMM_BUG_COHERENT_THP_SPLIT_QUEUE))
+		SKIP(return, "%s", hmm_bug(HMM_BUG_COHERENT_THP_SPLIT_QUEUE));
 	for (i = 0; i < ARRAY_SIZE(hmm_thp_holes); i++) {
 		const char *name = hmm_thp_holes[i].name;
 		unsigned int first = hmm_thp_holes[i].first;
@@ -3493,8 +3568,8 @@ static const struct {
  * pages move with the mapping and stay in device memory, and the CPU reads
  * their data at the new address. With MREMAP_DONTUNMAP the old range stays
  * mapped, empty: it reads zeros. Device-coherent memory moves to aligned
- * addresses only: unmapping a THP mapped by PTEs across two page tables
- * hits HMM_BUG_COHERENT_THP_SPLIT_QUEUE.
+ * addresses only until HMM_BUG_COHERENT_THP_SPLIT_QUEUE is fixed: unmapping
+ * a THP mapped by PTEs across two page tables hits it.
  */
 TEST_F(hmm, migrate_thp_mremap)
 {
@@ -3512,9 +3587,11 @@ TEST_F(hmm, migrate_thp_mremap)
 	for (i = 0; i < ARRAY_SIZE(hmm_thp_moves); i++) {
 		const char *name = hmm_thp_moves[i].name;
 
-		if (variant->coherent && !hmm_thp_moves[i].aligned) {
+		if (!hmm_thp_moves[i].aligned &&
+		    hmm_coherent_bug(variant->coherent,
+				     HMM_BUG_COHERENT_THP_SPLIT_QUEUE)) {
 			hmm_skip_row(&skipped, "%s: %s", name,
-				     HMM_BUG_COHERENT_THP_SPLIT_QUEUE);
+				     hmm_bug(HMM_BUG_COHERENT_THP_SPLIT_QUEUE));
 			continue;
 		}
 		if (!hmm_buffer_get(_metadata, &b, HMM_THP, 0, 0x3e0 + i))
@@ -3565,7 +3642,8 @@ TEST_F(hmm, migrate_thp_mremap)
  * HMM_DMIRROR_FLAG_FAIL_ALLOC makes the next large device-memory allocation
  * of a migration by this file fail, once. Migrating a THP to the device
  * then takes 4 KiB device pages; migrating a device THP back takes 4 KiB
- * system pages (device-private memory only: HMM_BUG_COHERENT_THP_TO_SYS).
+ * system pages (device-coherent memory: once HMM_BUG_COHERENT_THP_TO_SYS
+ * and HMM_BUG_COHERENT_THP_SPLIT are fixed).
  * Either way every page moves, with its data, and the next migration has
  * huge pages again. Unknown flags are refused.
  */
@@ -3600,9 +3678,14 @@ TEST_F(hmm, migrate_thp_fail_alloc)
 	hmm_buffer_free(&b);
 
 	/* Back to system memory. */
-	if (variant->coherent) {
+	if (hmm_coherent_bug(variant->coherent, HMM_BUG_COHERENT_THP_TO_SYS)) {
 		hmm_skip_row(&skipped, "from the device: %s",
-			     HMM_BUG_COHERENT_THP_TO_SYS);
+			     hmm_bug(HMM_BUG_COHERENT_THP_TO_SYS));
+		goto out;
+	}
+	if (hmm_coherent_bug(variant->coherent, HMM_BUG_COHERENT_THP_SPLIT)) {
+		hmm_skip_row(&skipped, "from the device: %s",
+			     hmm_bug(HMM_BUG_COHERENT_THP_SPLIT));
 		goto out;
 	}
 	if (!hmm_buffer_get(_metadata, &b, HMM_THP, 0, 0xfa2))
@@ -3622,6 +3705,63 @@ TEST_F(hmm, migrate_thp_fail_alloc)
 out:
 	if (hmm_left_out(&skipped, _metadata))
 		SKIP(return, "%s", skipped.why);
+}
+
+/*
+ * A device read that starts inside a device THP: a second mirror of the
+ * device reads it from one page in, and from a page past the driver's first
+ * batch (DMIRROR_BATCH_PAGES, 64), and gets the data of those addresses. A
+ * device-private THP is mapped by a non-present PMD, whose pfns Linux 7.3
+ * hands out without the offset of the range (HMM_BUG_PMD_PFN_OFFSET): the
+ * driver corrects them and counts each correction, and that count tells
+ * whether the kernel has the bug. A device-coherent THP is mapped by a
+ * present PMD, which never had it.
+ */
+TEST_F(hmm, migrate_thp_read_offset)
+{
+	static const unsigned int first[] = { 1, 64 + 3 };
+	const unsigned char thp = HMM_DMIRROR_PROT_WRITE | HMM_DMIRROR_PROT_PMD;
+	struct hmm_dmirror_stats stats;
+	struct hmm_dmirror_cmd cmd;
+	struct hmm_buffer b;
+	__u64 fixups = 0;
+	unsigned int i;
+	char *ref;
+
+	if (!hmm_buffer_get(_metadata, &b, HMM_THP, 0, 0x0ff))
+		return;
+	ASSERT_DEV_READ(self->fd, HMM_DMIRROR_MIGRATE_TO_DEV, &b, 0x0ff, &cmd);
+	ASSERT_SNAPSHOT(self->fd, b.ptr, b.npages, b.snap,
+			hmm_local(variant->coherent) | thp);
+	ref = malloc(b.size);
+	ASSERT_NE(NULL, ref);
+	hmm_fill(ref, b.size, 0x0ff);
+
+	for (i = 0; i < ARRAY_SIZE(first); i++) {
+		size_t off = first[i] * self->page_size;
+		int other = hmm_open(variant->device);
+
+		ASSERT_GE(other, 0);
+		ASSERT_EQ(0, hmm_stats_reset(other));
+		memset(b.mirror, 0, b.size);
+		ASSERT_CMD_ALL(other, HMM_DMIRROR_READ, b.ptr + off, b.mirror,
+			       b.npages - first[i], &cmd);
+		ASSERT_EQ(0, memcmp(b.mirror, ref + off, b.size - off))
+			TH_LOG("from page %u: the device read wrong data",
+			       first[i]);
+		ASSERT_EQ(0, hmm_stats(other, &stats));
+		fixups += stats.pmd_pfn_fixups;
+		close(other);
+	}
+	free(ref);
+	ASSERT_EQ(-1, hmm_buffer_check(&b, 0x0ff));
+	hmm_buffer_free(&b);
+	if (fixups && !hmm_bug_fixed(HMM_BUG_PMD_PFN_OFFSET))
+		SKIP(return, "%s: the driver corrected %llu pfns",
+		     hmm_bug(HMM_BUG_PMD_PFN_OFFSET), fixups);
+	ASSERT_EQ(0ULL, fixups)
+		TH_LOG("%s, although HMM_FIXED_BUGS says it is fixed",
+		       hmm_bug(HMM_BUG_PMD_PFN_OFFSET));
 }
 
 /*
@@ -6420,9 +6560,10 @@ TEST_F(peer, peer_migrate)
 
 TEST_F(peer, peer_migrate_thp)
 {
-	if (variant->coherent)
-		SKIP(return, "%s", HMM_BUG_COHERENT_THP_TO_SYS);
-	hmm_peer_migrate(_metadata, self->fd, false, HMM_THP, 0x9e4);
+	if (hmm_coherent_bug(variant->coherent, HMM_BUG_COHERENT_THP_TO_SYS))
+		SKIP(return, "%s", hmm_bug(HMM_BUG_COHERENT_THP_TO_SYS));
+	hmm_peer_migrate(_metadata, self->fd, variant->coherent, HMM_THP,
+			 0x9e4);
 }
 
 /*
@@ -7003,9 +7144,10 @@ static void hmm_place_run(struct __test_metadata *_metadata, int fd,
 	struct hmm_buffer b;
 	__u64 moved;
 
-	if (coherent && c->backing == HMM_THP && c->on_device &&
+	if (hmm_coherent_bug(coherent, HMM_BUG_COHERENT_THP_TO_SYS) &&
+	    c->backing == HMM_THP && c->on_device &&
 	    c->location == HMM_DMIRROR_LOC_SYSTEM)
-		SKIP(return, "%s", HMM_BUG_COHERENT_THP_TO_SYS);
+		SKIP(return, "%s", hmm_bug(HMM_BUG_COHERENT_THP_TO_SYS));
 	if (!hmm_buffer_get(_metadata, &b, c->backing, HMM_NPAGES, 0x9a1))
 		return;
 	if (c->on_device)
@@ -7433,4 +7575,3 @@ TEST_F(placement, timeslice_cpu_fault)
 }
 
 TEST_HARNESS_MAIN
-
