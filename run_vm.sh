@@ -1747,6 +1747,47 @@ bench_outputs() {
 		progress "bench: $f"
 	done
 	bench_plots "$dir"
+	bench_goals "$dir"
+}
+
+# bench_goals DIR: one line per goal of the benchmark (issue 15): name,
+# measured, target, met or not, from the CSV files of DIR.
+bench_goals() {
+	local dir=$1
+	[ -f "$dir/migration.csv" ] || return 0
+	awk -F, '
+		function goal(name, v, op, t,   met) {
+			if (v == "") {
+				printf "# goal: %s: not measured (target %s %s)\n", name, op, t
+				return
+			}
+			met = op == ">=" ? v >= t : v <= t
+			printf "# goal: %s: %.2f (target %s %s): %s\n", name, v, op, t,
+			       met ? "met" : "NOT met"
+		}
+		FNR == 1 { file = FILENAME; sub(/.*\//, "", file); next }
+		file == "migration.csv" { m[$1, $2, 3] = $3; m[$1, $2, 4] = $4
+					  m[$1, $2, 5] = $5; m[$1, $2, 6] = $6 }
+		file ~ /^munmap_/ && $1 == "ours" {
+			lat = file; sub(/^munmap_/, "", lat); sub(/\.csv$/, "", lat)
+			fixed[lat, $2] = $3; single[lat, $2] = $4; two[lat, $2] = $5
+		}
+		function ratio(a, b) { return a == "" || b == "" || b == 0 ? "" : a / b }
+		END {
+			goal("THP/4K sys->dev, 64 MiB", ratio(m["ours", 64, 4], m["ours", 64, 3]), ">=", 3)
+			goal("THP/4K dev->sys, 64 MiB", ratio(m["ours", 64, 6], m["ours", 64, 5]), ">=", 3)
+			goal("THP sys->dev, 64 MiB / 8 MiB (no fall, within 10 %)",
+			     ratio(m["ours", 64, 4], m["ours", 8, 4]), ">=", 0.9)
+			goal("THP dev->sys, 64 MiB / 8 MiB (no fall, within 10 %)",
+			     ratio(m["ours", 64, 6], m["ours", 8, 6]), ">=", 0.9)
+			goal("ours/tree 4K sys->dev, 64 MiB", ratio(m["ours", 64, 3], m["tree", 64, 3]), ">=", 1)
+			goal("ours/tree THP sys->dev, 64 MiB", ratio(m["ours", 64, 4], m["tree", 64, 4]), ">=", 1)
+			goal("ours/tree 4K dev->sys, 64 MiB", ratio(m["ours", 64, 5], m["tree", 64, 5]), ">=", 1)
+			goal("ours/tree THP dev->sys, 64 MiB", ratio(m["ours", 64, 6], m["tree", 64, 6]), ">=", 1)
+			goal("two-pass - fixed, in L, L = 200 us, N = 8",
+			     two[200, 8] == "" ? "" : (two[200, 8] - fixed[200, 8]) / 200, "<=", 2)
+			goal("single/two-pass, L = 2 ms, N = 8", ratio(single[2000, 8], two[2000, 8]), ">=", 6)
+		}' "$dir/migration.csv" "$dir"/munmap_*.csv
 }
 
 # bench_plots DIR: SVG plots of the CSV files in DIR: migration throughput

@@ -120,7 +120,10 @@
  * it back through &dev_pagemap_ops.migrate_to_ram; HMM_DMIRROR_RELEASE and
  * module unload evict whole chunks with migrate_device_range(). Device pages
  * refer to their device (through their chunk), never to a mirror, so a file
- * can be closed while its memory stays on the device.
+ * can be closed while its memory stays on the device. The time of each
+ * phase of a migration (setup, allocation and copy, adding chunks, pages,
+ * finalize, the read-back) is added to the device's counters, for the
+ * benchmark.
  */
 
 /**
@@ -344,6 +347,7 @@
 #include <linux/rmap.h>
 #include <linux/sched/mm.h>
 #include <linux/sched/signal.h>
+#include <linux/timekeeping.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
 #include <linux/workqueue.h>
@@ -520,6 +524,18 @@ struct dmirror_flush {
 #define dmirror_stat(mdevice, field) \
 	(&(mdevice)->stats[offsetof(struct hmm_dmirror_stats, field) / \
 			   sizeof(__u64)])
+
+/*
+ * Add the time since *@t to the counter @stat, and restart *@t: the phases
+ * of a migration, for the benchmark's breakdown.
+ */
+static void dmirror_time_phase(atomic64_t *stat, u64 *t)
+{
+	u64 now = ktime_get_ns();
+
+	atomic64_add(now - *t, stat);
+	*t = now;
+}
 
 /**
  * struct dmirror_hold - the debug hold point of a device (HMM_DMIRROR_HOLD)
@@ -2685,13 +2701,16 @@ static struct folio *dmirror_devmem_alloc(struct dmirror_device *mdevice,
 	struct dmirror_chunk *chunk = NULL;
 	unsigned long pfn;
 	struct page *page;
+	u64 t;
 
 	pfn = dmirror_devmem_take(mdevice, order, &chunk);
 	if (!pfn) {
 		mutex_lock(&mdevice->chunk_lock);
 		pfn = dmirror_devmem_take(mdevice, order, &chunk);
+		t = ktime_get_ns();
 		if (!pfn && !dmirror_chunk_add(mdevice, order))
 			pfn = dmirror_devmem_take(mdevice, order, &chunk);
+		dmirror_time_phase(dmirror_stat(mdevice, migrate_chunk_ns), &t);
 		mutex_unlock(&mdevice->chunk_lock);
 		if (!pfn)
 			return NULL;
@@ -3500,11 +3519,13 @@ static long dmirror_migrate_batch(struct dmirror_migration *mig,
 	struct dmirror_device *mdevice = dmirror->mdevice;
 	struct migrate_vma *args = &mig->args;
 	unsigned long moved, from_devmem = 0;
+	u64 t = ktime_get_ns();
 	long ret;
 
 	mmap_assert_locked(dmirror->mm);
 	args->pgmap_owner = mdevice->owner;
 	ret = migrate_vma_setup(args);
+	dmirror_time_phase(dmirror_stat(mdevice, migrate_setup_ns), &t);
 	if (ret)
 		return ret;
 	if (req)
@@ -3515,10 +3536,13 @@ static long dmirror_migrate_batch(struct dmirror_migration *mig,
 	else if (dmirror_migrate_alloc_to_sys(args, args->vma, mig->only,
 					      dmirror_fail_alloc(dmirror)))
 		ret = -ENOMEM;
+	dmirror_time_phase(dmirror_stat(mdevice, migrate_copy_ns), &t);
 	migrate_vma_pages(args);
+	dmirror_time_phase(dmirror_stat(mdevice, migrate_pages_ns), &t);
 	moved = dmirror_migrated(args->src, args->dst, args->npages,
 				 &from_devmem);
 	migrate_vma_finalize(args);
+	dmirror_time_phase(dmirror_stat(mdevice, migrate_finalize_ns), &t);
 
 	if (mig->to_dev) {
 		atomic64_add(moved, dmirror_stat(mdevice, migrated_to_dev));
@@ -4725,6 +4749,7 @@ static int dmirror_migrate(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
 {
 	struct hmm_dmirror_cmd readback = *cmd;
 	struct dmirror_migration mig;
+	u64 t;
 	int ret;
 
 	ret = dmirror_migration_init(&mig, dmirror, to_dev, true);
@@ -4744,7 +4769,10 @@ static int dmirror_migrate(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
 	if (ret)
 		return ret;
 	readback.cpages = 0;
+	t = ktime_get_ns();
 	ret = dmirror_access(dmirror, &readback, range, 0);
+	dmirror_time_phase(dmirror_stat(dmirror->mdevice, migrate_readback_ns),
+			   &t);
 	cmd->faults = readback.faults;
 	cmd->cpages = readback.cpages;
 	return ret;

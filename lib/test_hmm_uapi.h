@@ -222,6 +222,16 @@ struct hmm_dmirror_cmd {
  *	whose pfn the driver corrected: Linux 7.3's
  *	hmm_vma_handle_absent_pmd() leaves out the offset of a range that
  *	starts inside the PMD. Stays 0 on a kernel without that bug.
+ * @migrate_setup_ns: time the device's migrations spent in
+ *	migrate_vma_setup() (collecting and unmapping the sources), in ns
+ * @migrate_copy_ns: in the driver's allocation of the destinations and
+ *	copy of the data, including @migrate_chunk_ns
+ * @migrate_pages_ns: in migrate_vma_pages()
+ * @migrate_finalize_ns: in migrate_vma_finalize()
+ * @migrate_readback_ns: in the device's read-back of the range that ends a
+ *	%HMM_DMIRROR_MIGRATE_TO_DEV
+ * @migrate_chunk_ns: in adding chunks of device memory (memremap_pages())
+ *	for migrations
  *
  * @finish_pool, @finish_free, @notifiers_live and @interconnect_group are
  * gauges, the rest counters.
@@ -256,6 +266,12 @@ struct hmm_dmirror_stats {
 	__u64		pages_evicted;
 	__u64		timeslice_waits;
 	__u64		pmd_pfn_fixups;
+	__u64		migrate_setup_ns;
+	__u64		migrate_copy_ns;
+	__u64		migrate_pages_ns;
+	__u64		migrate_finalize_ns;
+	__u64		migrate_readback_ns;
+	__u64		migrate_chunk_ns;
 };
 
 /**

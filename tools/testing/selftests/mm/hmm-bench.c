@@ -15,7 +15,9 @@
  *
  * It first measures migration throughput to device-private memory and back,
  * with 4 KiB pages and with THP, using only the kernel's own ioctls, so that
- * the same program measures the kernel's own test_hmm driver too. Then,
+ * the same program measures the kernel's own test_hmm driver too; with this
+ * repository's driver, also where the time of the 8 and 64 MiB migrations
+ * goes (its phase counters in HMM_DMIRROR_STATS). Then,
  * with the interconnect groups test_hmm.sh sets up, migration from one
  * device's memory to another's: directly within a group (one copy) and
  * through system memory between groups (two). Then oversubscription: a
@@ -218,30 +220,78 @@ struct mig_step {
 	unsigned long	req;
 };
 
+/* The migration phases the driver times (HMM_DMIRROR_STATS), as printed. */
+#define MIG_NR_PHASES		6
+
+static const char *const mig_phase_names[MIG_NR_PHASES] = {
+	"setup", "copy", "chunks", "pages", "finalize", "readback",
+};
+
+/*
+ * Where the time of the two steps of a measurement went: the wall time and
+ * the driver's phases, in ms, summed over the runs. Only for a driver with
+ * the phase counters (valid).
+ */
+struct mig_breakdown {
+	int	valid;
+	double	total_ms[2];
+	double	phase_ms[2][MIG_NR_PHASES];
+};
+
+/* The phase counters of the device behind @fd, in ms; -errno without. */
+static int mig_phases(int fd, double ms[MIG_NR_PHASES])
+{
+	struct hmm_dmirror_stats st;
+
+	memset(&st, 0, sizeof(st));
+	if (ioctl(fd, HMM_DMIRROR_STATS, &st))
+		return -errno;
+	ms[0] = st.migrate_setup_ns / 1e6;
+	ms[1] = (st.migrate_copy_ns - st.migrate_chunk_ns) / 1e6;
+	ms[2] = st.migrate_chunk_ns / 1e6;
+	ms[3] = st.migrate_pages_ns / 1e6;
+	ms[4] = st.migrate_finalize_ns / 1e6;
+	ms[5] = st.migrate_readback_ns / 1e6;
+	return 0;
+}
+
 /*
  * MIG_RUNS times: map @size bytes, THP or 4 KiB pages, and run the two
  * steps on them one after the other, each timed; the median MiB/s of each
- * step into @out.
+ * step into @out, and where the time went into @bd (NULL: not wanted).
  */
 static int mig_steps(const struct mig_step step[2], size_t size, int thp,
-		     double out[2])
+		     double out[2], struct mig_breakdown *bd)
 {
 	unsigned long npages = size / getpagesize();
-	double us[2][MIG_RUNS], t0;
+	double us[2][MIG_RUNS], t0, before[MIG_NR_PHASES], after[MIG_NR_PHASES];
 	char *mirror = malloc(size);
-	int i, k, ret = 0;
+	int i, k, p, ret = 0;
 
 	if (!mirror)
 		exit(1);
+	if (bd) {
+		memset(bd, 0, sizeof(*bd));
+		bd->valid = !mig_phases(step[0].fd, before) &&
+			    !mig_phases(step[1].fd, before);
+	}
 	for (i = 0; i < MIG_RUNS && !ret; i++) {
 		void *raw;
 		char *buf = mig_map(size, thp, &raw);
 
 		for (k = 0; k < 2 && !ret; k++) {
+			if (bd && bd->valid)
+				mig_phases(step[k].fd, before);
 			t0 = bench_now_us();
 			ret = mig_cmd(step[k].fd, step[k].req, buf, mirror,
 				      npages);
 			us[k][i] = bench_now_us() - t0;
+			if (!bd || !bd->valid)
+				continue;
+			mig_phases(step[k].fd, after);
+			bd->total_ms[k] += us[k][i] / 1e3;
+			for (p = 0; p < MIG_NR_PHASES; p++)
+				bd->phase_ms[k][p] += after[p] - before[p];
 		}
 		munmap(raw, size + MIG_THP_SIZE);
 	}
@@ -257,14 +307,76 @@ static int mig_steps(const struct mig_step step[2], size_t size, int thp,
  * Median MiB/s of moving @size bytes to the device (@out[0]) and back
  * (@out[1]), with THP or with 4 KiB pages.
  */
-static int mig_measure(int fd, size_t size, int thp, double out[2])
+static int mig_measure(int fd, size_t size, int thp, double out[2],
+		       struct mig_breakdown *bd)
 {
 	const struct mig_step step[2] = {
 		{ fd, HMM_DMIRROR_MIGRATE_TO_DEV },
 		{ fd, HMM_DMIRROR_MIGRATE_TO_SYS },
 	};
 
-	return mig_steps(step, size, thp, out);
+	return mig_steps(step, size, thp, out, bd);
+}
+
+/* The sizes whose phases are printed, and their breakdowns [size][thp]. */
+static const unsigned long mig_phase_sizes_mb[] = { 8, 64 };
+static struct mig_breakdown mig_bd[2][2];
+
+/* Where the time of the migrations of mig_phase_sizes_mb went, in ms. */
+static void mig_print_phases(void)
+{
+	static const char *const dir[2] = { "s->d", "d->s" };
+	unsigned int i, thp, k, p;
+	double rest;
+
+	if (!mig_bd[0][0].valid)
+		return;
+	printf("# migration phases, ms per migration, mean of %d runs ", MIG_RUNS);
+	printf("(copy: allocation and copy, less chunks; other: the rest of the ioctl)\n");
+	printf("# %6s %5s %4s %8s", "MiB", "pages", "dir", "total");
+	for (p = 0; p < MIG_NR_PHASES; p++)
+		printf(" %8s", mig_phase_names[p]);
+	printf(" %8s\n", "other");
+	printf("csv,migration_phases,mib,pages,dir,total_ms");
+	for (p = 0; p < MIG_NR_PHASES; p++)
+		printf(",%s_ms", mig_phase_names[p]);
+	printf(",other_ms\n");
+	for (i = 0; i < ARRAY_SIZE(mig_phase_sizes_mb); i++)
+		for (thp = 0; thp < 2; thp++)
+			for (k = 0; k < 2; k++) {
+				const struct mig_breakdown *bd = &mig_bd[i][thp];
+
+				rest = bd->total_ms[k];
+				printf("# %6lu %5s %4s %8.2f",
+				       mig_phase_sizes_mb[i],
+				       thp ? "THP" : "4K", dir[k],
+				       bd->total_ms[k] / MIG_RUNS);
+				for (p = 0; p < MIG_NR_PHASES; p++) {
+					printf(" %8.2f",
+					       bd->phase_ms[k][p] / MIG_RUNS);
+					rest -= bd->phase_ms[k][p];
+				}
+				printf(" %8.2f\n", rest / MIG_RUNS);
+				printf("csv,migration_phases,%lu,%s,%s,%.3f",
+				       mig_phase_sizes_mb[i],
+				       thp ? "thp" : "4k", k ? "d2s" : "s2d",
+				       bd->total_ms[k] / MIG_RUNS);
+				for (p = 0; p < MIG_NR_PHASES; p++)
+					printf(",%.3f",
+					       bd->phase_ms[k][p] / MIG_RUNS);
+				printf(",%.3f\n", rest / MIG_RUNS);
+			}
+}
+
+/* mig_bd's entry for @size_mb, or NULL if its phases are not printed. */
+static struct mig_breakdown *mig_breakdown_of(unsigned long size_mb, int thp)
+{
+	unsigned int i;
+
+	for (i = 0; i < ARRAY_SIZE(mig_phase_sizes_mb); i++)
+		if (mig_phase_sizes_mb[i] == size_mb)
+			return &mig_bd[i][thp];
+	return NULL;
 }
 
 /* The migration table; uses only upstream's ioctls. */
@@ -287,9 +399,11 @@ static int mig_table(void)
 		double small[2], huge[2];
 		int ret;
 
-		ret = mig_measure(fd, size, 0, small);
+		ret = mig_measure(fd, size, 0, small,
+				  mig_breakdown_of(mig_sizes_mb[i], 0));
 		if (!ret)
-			ret = mig_measure(fd, size, 1, huge);
+			ret = mig_measure(fd, size, 1, huge,
+					  mig_breakdown_of(mig_sizes_mb[i], 1));
 		if (ret) {
 			printf("# %6lu migration failed: %s\n", mig_sizes_mb[i],
 			       strerror(-ret));
@@ -303,6 +417,7 @@ static int mig_table(void)
 		       mig_sizes_mb[i], small[0], huge[0], small[1], huge[1]);
 	}
 	close(fd);
+	mig_print_phases();
 	return 0;
 }
 
@@ -341,7 +456,7 @@ static int peer_measure(int from, int to, size_t size, int thp, double *out)
 		{ to, HMM_DMIRROR_MIGRATE_TO_DEV },
 	};
 	double mibps[2];
-	int ret = mig_steps(step, size, thp, mibps);
+	int ret = mig_steps(step, size, thp, mibps, NULL);
 
 	*out = mibps[1];
 	return ret;
