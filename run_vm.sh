@@ -604,10 +604,6 @@ patch patch
 /usr/lib/x86_64-linux-gnu/liburing.a liburing-dev
 "
 
-# What --lint needs besides: the analysers (sparse itself may have to be
-# built, see find_sparse()), python3-ply for checkpatch's SPDX check of the
-# kernel fixes, python3 for the tree's kernel-doc, and OCaml for the two
-# coccinelle rules scripted in it (Debian's coccinelle only recommends it).
 # What --export-series needs besides: git, python3-ply for checkpatch's
 # SPDX check, and the libraries the tree's other mm selftests link with.
 readonly SERIES_DEPS="
@@ -622,11 +618,17 @@ readonly BENCH_DEPS="
 gnuplot gnuplot-nox
 "
 
+# What --lint needs besides: the analysers (sparse itself may have to be
+# built, see find_sparse()), python3-ply for checkpatch's SPDX check of the
+# kernel fixes, python3 for the tree's kernel-doc; for coccinelle, OCaml for
+# the two rules scripted in it and libpython3.X.so, which spatch loads by
+# that name (Debian's coccinelle only recommends them).
 readonly LINT_DEPS="
 shellcheck shellcheck
 /usr/lib/python3/dist-packages/ply/__init__.py python3-ply
 spatch coccinelle
 ocaml ocaml-nox
+dpkg:libpython3-dev libpython3-dev
 python3 python3
 "
 
@@ -640,6 +642,9 @@ missing_packages() {
 		/bin/busybox)
 			# The dynamic busybox package cannot run in the guest.
 			dpkg -s busybox-static >/dev/null 2>&1 || echo "$pkg" ;;
+		dpkg:*)
+			# A package known by its name alone.
+			dpkg -s "${what#dpkg:}" >/dev/null 2>&1 || echo "$pkg" ;;
 		/*) [ -e "$what" ] || echo "$pkg" ;;
 		*::*)
 			# A Perl module. perl-base, in every Debian, has
@@ -883,8 +888,9 @@ fixed_bugs() {
 }
 
 # Tests a copy of the tree instead: $CACHE/src/<kind>-<name> (kind: patched,
-# or fixes for --kernel-fixes), one for each kernel build. The build of the copy is kept from one set of patches to the
-# next, so that only what the patches change is rebuilt.
+# or fixes for --kernel-fixes), one for each kernel build. The build of the
+# copy is kept from one set of patches to the next, so that only what the
+# patches change is rebuilt.
 use_patched_source() {
 	local hash
 	hash=$(patch_files | while read -r f; do cat "$f"; done |
@@ -1130,8 +1136,6 @@ build() {
 
 # --- Step: lint ------------------------------------------------------------
 
-# --- Step: lint ------------------------------------------------------------
-
 # Is $1 a sparse the tree accepts (its scripts/checker-valid.sh)?
 sparse_valid() {
 	[ "$(sh "$KSRC/scripts/checker-valid.sh" "$1" 2>/dev/null)" = 1 ]
@@ -1249,7 +1253,8 @@ lint_tests() {
 
 lint_shellcheck() {
 	cd "$REPO" &&
-	shellcheck run_vm.sh fresh-check.sh .ci/run compat/probe.sh &&
+	shellcheck run_vm.sh fresh-check.sh export-series.sh .ci/run \
+		compat/probe.sh &&
 	shellcheck -s sh guest-init.sh tools/testing/selftests/mm/test_hmm.sh
 }
 
@@ -1750,7 +1755,7 @@ bench_outputs() {
 	bench_goals "$dir"
 }
 
-# bench_goals DIR: one line per goal of the benchmark (issue 15): name,
+# bench_goals DIR: one line per goal of the benchmark: its name,
 # measured, target, met or not, from the CSV files of DIR.
 bench_goals() {
 	local dir=$1
