@@ -1565,10 +1565,10 @@ static unsigned char hmm_cpu_touched(bool coherent)
  *
  * A test step that would hit a bug not known fixed is left out, and the test
  * ends with SKIP naming the bug (hmm_bug()); where the bug shows without
- * harm to the kernel the step runs, and the test SKIPs naming the bug only
- * when it sees it. On a kernel known fixed, every such step runs and must
- * pass: "fails without the fix" is then a FAIL (or, for the split queue, a
- * kernel WARNING, which fails the run).
+ * harm to the kernel (pmd_pfn_offset) the step runs, and the test SKIPs
+ * naming the bug only when it sees it. On a kernel known fixed, every such
+ * step runs and must pass: "fails without the fix" is then a FAIL (or, for
+ * the split queue and the split, a kernel WARNING, which fails the run).
  *
  * HMM_BUG_PMD_PFN_OFFSET: hmm_vma_handle_absent_pmd() fills the pfns of a
  * device-private PMD without the offset of a range that starts inside it.
@@ -1687,9 +1687,9 @@ static void hmm_op_migrate_refused(struct __test_metadata *_metadata,
  * nothing (seed 0), the huge zero page (seed 0), or a THP. It becomes a
  * device THP, mapped by a PMD, with the data (zeros for the first two);
  * MIGRATE_TO_SYS brings it back as a THP and counts all of its pages
- * (device-coherent memory: once HMM_BUG_COHERENT_THP_TO_SYS is fixed). After a second
- * migration, a CPU read brings a device-private THP back whole, and leaves
- * a device-coherent one where it is.
+ * (device-coherent memory: once HMM_BUG_COHERENT_THP_TO_SYS is fixed).
+ * After a second migration, a CPU read brings a device-private THP back
+ * whole, and leaves a device-coherent one where it is.
  */
 static void hmm_op_migrate_thp(struct __test_metadata *_metadata,
 			       struct hmm_ctx *c)
