@@ -34,7 +34,7 @@ OUT=$3
 LOG=$WORK/export.log
 
 step() {
-	printf '[series] %s\n' "$*"
+	printf '[series] %s\n' "$*" | tee -a "$LOG"
 }
 
 die() {
