@@ -147,7 +147,9 @@ make_series() {
 	commit 5-kconfig.txt lib/Kconfig.debug
 	rm -rf "$OUT"
 	mkdir -p "$OUT"
-	git_tree format-patch -q --cover-letter -o "$OUT" base..export
+	# -B: the driver and the tests are rewrites; as such, each reads as
+	# the new file rather than as old and new lines interleaved.
+	git_tree format-patch -q -B --cover-letter -o "$OUT" base..export
 	sed -i -e "s/\*\*\* SUBJECT HERE \*\*\*/test_hmm: a test device for HMM, and its selftests/" \
 		-e "/\*\*\* BLURB HERE \*\*\*/{
 r $REPO/series/0-cover.txt
