@@ -1078,18 +1078,23 @@ build_module() {
 # The test programs, static, against the tree's harness and UAPI headers;
 # our lib/test_hmm_uapi.h comes before the tree's, the tree gives
 # mm/gup_test.h. liburing is optional in a kernel tree, here it is used.
+# cc_test PROG OUT FLAGS...: gcc on our test program PROG into OUT, as the
+# runs build it and lint checks it, with FLAGS last.
+cc_test() {
+	local prog=$1 out=$2
+	shift 2
+	gcc -O2 -Wall -Wextra -DHMM_HAVE_LIBURING \
+		-isystem "$KBUILD/usr/include" \
+		-I "$KSRC/tools/testing/selftests" -I "$REPO" -I "$KSRC" \
+		-o "$out" "$REPO/tools/testing/selftests/mm/$prog.c" "$@"
+}
+
 build_tests() {
 	local out=$CACHE/run/$BUILD_NAME prog
 	mkdir -p "$out"
 	: >"$out/tests-build.log"
 	for prog in hmm-tests hmm-bench; do
-		gcc -static -O2 -Wall -Wextra -DHMM_HAVE_LIBURING \
-			-isystem "$KBUILD/usr/include" \
-			-I "$KSRC/tools/testing/selftests" -I "$REPO" \
-			-I "$KSRC" \
-			-o "$out/$prog" \
-			"$REPO/tools/testing/selftests/mm/$prog.c" \
-			-luring -lpthread \
+		cc_test "$prog" "$out/$prog" -static -luring -lpthread \
 			>>"$out/tests-build.log" 2>&1 ||
 			die 125 "$prog build failed; see $out/tests-build.log"
 	done
@@ -1243,11 +1248,7 @@ lint_coccicheck() {
 lint_tests() {
 	local prog
 	for prog in hmm-tests hmm-bench; do
-		gcc -O2 -Wall -Wextra -Werror -DHMM_HAVE_LIBURING \
-			-isystem "$KBUILD/usr/include" \
-			-I "$KSRC/tools/testing/selftests" -I "$REPO" \
-			-I "$KSRC" -c -o /dev/null \
-			"$REPO/tools/testing/selftests/mm/$prog.c" || return 1
+		cc_test "$prog" /dev/null -c -Werror || return 1
 	done
 }
 
