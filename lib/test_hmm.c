@@ -56,12 +56,17 @@
  *   leaf empty. This is what GPU drivers do (nouveau, amdgpu, xe): only
  *   invalidations of mirrored ranges reach the device, at the price of
  *   notifier churn. Removal cannot happen in the callback, which runs under
- *   the notifier's own locking, so it is deferred to a work item.
+ *   the notifier's own locking, so it is deferred to a work item that runs
+ *   a little later (%DMIRROR_REAP_DELAY_MS): an munmap() does not pay for
+ *   waking a worker, and a leaf faulted in again meanwhile is kept.
  *
  * Invalidation. Each device has an emulated TLB-invalidation engine: a flush
- * is submitted, runs asynchronously and completes after flush_latency
- * (an hrtimer stands in for the device's completion interrupt). A device
- * takes invalidations in one of two modes:
+ * is submitted, runs asynchronously and completes flush_latency later. A
+ * waiter sleeps until shortly before that and polls for the rest, the time
+ * a wake-up takes on this machine, which the driver measures on its own
+ * sleeps: the wait ends when the flush does, not a wake-up later (on TCG a
+ * wake-up costs more than the default latency). A device takes
+ * invalidations in one of two modes:
  *
  * - single pass (&mmu_interval_notifier_ops.invalidate): clear the PTEs,
  *   flush, wait. With N devices mirroring a range, an munmap() waits N
@@ -321,7 +326,6 @@
 #include <linux/atomic.h>
 #include <linux/bitmap.h>
 #include <linux/cdev.h>
-#include <linux/completion.h>
 #include <linux/debugfs.h>
 #include <linux/device.h>
 #include <linux/fault-inject.h>
@@ -374,6 +378,19 @@
 
 #define DMIRROR_MAX_LEAF_SIZE		SZ_1G
 #define DMIRROR_MAX_FLUSH_LATENCY_NS	(100 * NSEC_PER_MSEC)
+/*
+ * A flush waiter polls for at most this long (dmirror_flush_wait()), however
+ * late the wake-ups of a busy host have been; one late wake-up moves the
+ * average by 1/DMIRROR_WAKE_WEIGHT of it.
+ */
+#define DMIRROR_MAX_POLL_NS		(1 * NSEC_PER_MSEC)
+#define DMIRROR_WAKE_WEIGHT		8
+/*
+ * Emptied leaves are removed this long after the invalidation that emptied
+ * them: waking a worker is then no part of the invalidation, and a leaf
+ * faulted in again meanwhile keeps its notifier.
+ */
+#define DMIRROR_REAP_DELAY_MS		10
 
 /* Device memory: private chunks are added on demand, up to the limit. */
 #define DMIRROR_CHUNK_SIZE		SZ_64M
@@ -498,15 +515,13 @@ static void dmirror_fail_exit(void)
  * struct dmirror_flush - a TLB flush of the emulated device
  * @finish: handed to the core by a two-pass invalidate_start()
  * @mdevice: device whose engine runs the flush
- * @timer: stands in for the engine; expires when the flush completes
- * @done: completed when the flush is
+ * @deadline: when the engine completes the flush
  * @log: record of the invalidation the flush is for
  */
 struct dmirror_flush {
 	struct mmu_interval_notifier_finish finish;
 	struct dmirror_device *mdevice;
-	struct hrtimer timer;
-	struct completion done;
+	ktime_t deadline;
 	u64 log;
 };
 
@@ -516,7 +531,7 @@ struct dmirror_flush {
  * list of them: a new counter is a field at its end and the places that
  * count it; reading and resetting take them all. The fields the driver
  * works out when they are read (flushes_in_flight_max, finish_pool,
- * finish_free, interconnect_group) stay zero here.
+ * finish_free, interconnect_group, flush_wake_ns) stay zero here.
  */
 #define DMIRROR_NR_STATS	(sizeof(struct hmm_dmirror_stats) / sizeof(__u64))
 
@@ -641,6 +656,9 @@ struct dmirror_device {
  * @evicting: no allocation from this chunk; under mem_lock
  * @backing: device-private only, the system page that stands in for the
  *	device storage of each device page; NULL while the page is free
+ * @backing_large: device-private only, a bit per PMD-sized run of the
+ *	chunk: the backing of the large folio there is one high-order
+ *	allocation, not yet split (dmirror_backing_alloc())
  * @block_used: for each block of %DMIRROR_BLOCK_SIZE, the device's
  *	&dmirror_device.lru_clock when a page of it was last migrated in or
  *	mapped by a device fault; written without a lock, as a hint
@@ -662,6 +680,7 @@ struct dmirror_chunk {
 	unsigned long nr_used;
 	bool evicting;
 	struct page **backing;
+	unsigned long *backing_large;
 	u64 *block_used;
 	unsigned long *block_until;
 	struct resource *res;
@@ -750,6 +769,8 @@ static dev_t dmirror_devt;
 /* Flushes in flight on all devices, and the most seen at once. */
 static atomic_t dmirror_flushes_in_flight = ATOMIC_INIT(0);
 static atomic_t dmirror_flushes_in_flight_max = ATOMIC_INIT(0);
+/* What waking up from a sleep costs here, in ns: see dmirror_sleep_until(). */
+static u64 dmirror_wake_ns;
 
 struct dmirror;
 struct dmirror_advice;
@@ -835,7 +856,7 @@ struct dmirror {
 
 	bool closing;
 	struct llist_head reap_list;
-	struct work_struct reap_work;
+	struct delayed_work reap_work;
 	unsigned long flags;
 
 	struct mutex advice_mutex;	/* ADVISE, inserting the watch */
@@ -1080,28 +1101,6 @@ static u32 dmirror_log_read(const struct mm_struct *mm,
  * The emulated TLB-invalidation engine
  */
 
-static void dmirror_flush_complete(struct dmirror_flush *flush)
-{
-	atomic_dec(&dmirror_flushes_in_flight);
-	complete(&flush->done);
-}
-
-static enum hrtimer_restart dmirror_flush_timer_fn(struct hrtimer *timer)
-{
-	dmirror_flush_complete(container_of(timer, struct dmirror_flush,
-					    timer));
-	return HRTIMER_NORESTART;
-}
-
-static void dmirror_flush_init(struct dmirror_flush *flush,
-			       struct dmirror_device *mdevice)
-{
-	flush->mdevice = mdevice;
-	hrtimer_setup(&flush->timer, dmirror_flush_timer_fn, CLOCK_MONOTONIC,
-		      HRTIMER_MODE_REL);
-	init_completion(&flush->done);
-}
-
 static void dmirror_note_in_flight(void)
 {
 	int now = atomic_inc_return(&dmirror_flushes_in_flight);
@@ -1119,35 +1118,62 @@ static void dmirror_note_in_flight(void)
  * @flush: the flush, idle
  * @latency: how long the flush takes, in ns
  *
- * Does not sleep. The flush completes after @latency, at once when it is 0.
+ * The engine completes the flush @latency after this, at once when it is 0,
+ * without the CPU's help; the flush counts as in flight until it is waited
+ * for. Does not sleep.
  */
 static void dmirror_flush_submit(struct dmirror_flush *flush, u64 latency)
 {
-	struct dmirror_device *mdevice = flush->mdevice;
-
-	atomic64_inc(dmirror_stat(mdevice, flushes));
+	atomic64_inc(dmirror_stat(flush->mdevice, flushes));
 	dmirror_note_in_flight();
-	reinit_completion(&flush->done);
-	if (!latency)
-		dmirror_flush_complete(flush);
-	else
-		hrtimer_start(&flush->timer, ns_to_ktime(latency),
-			      HRTIMER_MODE_REL);
+	flush->deadline = ktime_add_ns(ktime_get(), latency);
+}
+
+/**
+ * dmirror_sleep_until() - sleep until a time, and learn what waking up costs
+ * @mdevice: device whose sleeps are counted
+ * @until: when to wake up
+ *
+ * How late the task runs again after the timer is folded into
+ * dmirror_wake_ns, an average over the last sleeps of all devices.
+ */
+static void dmirror_sleep_until(struct dmirror_device *mdevice, ktime_t until)
+{
+	u64 wake = READ_ONCE(dmirror_wake_ns);
+	s64 late;
+
+	atomic64_inc(dmirror_stat(mdevice, flush_sleeps));
+	set_current_state(TASK_UNINTERRUPTIBLE);
+	schedule_hrtimeout(&until, HRTIMER_MODE_ABS);
+	late = ktime_to_ns(ktime_sub(ktime_get(), until));
+	if (late < 0)
+		return;
+	/* Racing updates lose one sample, which an average can afford. */
+	wake = wake - wake / DMIRROR_WAKE_WEIGHT +
+	       min_t(u64, late, DMIRROR_MAX_POLL_NS) / DMIRROR_WAKE_WEIGHT;
+	WRITE_ONCE(dmirror_wake_ns, wake);
 }
 
 /**
  * dmirror_flush_wait() - wait for a submitted flush to complete
  * @flush: the flush
  *
- * The timer callback may still be running after complete(): cancelling the
- * timer waits for it, so that @flush can be reused or freed.
+ * Sleeps until what a wake-up costs (dmirror_wake_ns) before the flush
+ * completes, then polls for the rest, as drivers poll for a completion that
+ * is due sooner than a sleep would end: a flush due within a wake-up is
+ * only polled for, and a long one costs one sleep and a short poll. A flush
+ * that has completed costs nothing. Sleeps only if the flush is not due
+ * within a wake-up, which a flush of latency 0 never is.
  */
 static void dmirror_flush_wait(struct dmirror_flush *flush)
 {
-	/* A flush without latency is done: do not even look like sleeping. */
-	if (!try_wait_for_completion(&flush->done))
-		wait_for_completion(&flush->done);
-	hrtimer_cancel(&flush->timer);
+	ktime_t wake = ktime_sub_ns(flush->deadline, READ_ONCE(dmirror_wake_ns));
+
+	if (ktime_before(ktime_get(), wake))
+		dmirror_sleep_until(flush->mdevice, wake);
+	while (ktime_before(ktime_get(), flush->deadline))
+		cpu_relax();
+	atomic_dec(&dmirror_flushes_in_flight);
 }
 
 /**
@@ -1158,22 +1184,16 @@ static void dmirror_flush_wait(struct dmirror_flush *flush)
  * @note: %DMIRROR_LOG_SYNC, or %DMIRROR_LOG_FALLBACK for a two-pass device
  *	without a finish object
  *
- * Sleeps unless @latency is 0.
+ * May sleep unless @latency is 0 (dmirror_flush_wait()).
  */
 static void dmirror_flush_sync(struct dmirror_device *mdevice, u64 latency,
 			       u64 log, enum dmirror_log_note note)
 {
-	struct dmirror_flush flush;
+	struct dmirror_flush flush = { .mdevice = mdevice };
 
 	dmirror_log_note(log, note);
-
-	flush.mdevice = mdevice;
-	hrtimer_setup_on_stack(&flush.timer, dmirror_flush_timer_fn,
-			       CLOCK_MONOTONIC, HRTIMER_MODE_REL);
-	init_completion(&flush.done);
 	dmirror_flush_submit(&flush, latency);
 	dmirror_flush_wait(&flush);
-	destroy_hrtimer_on_stack(&flush.timer);
 }
 
 /**
@@ -1606,7 +1626,8 @@ static void dmirror_leaf_queue_reap(struct dmirror *dmirror,
 		return;
 	leaf->queued = true;
 	llist_add(&leaf->reap_node, &dmirror->reap_list);
-	queue_work(system_dfl_wq, &dmirror->reap_work);
+	queue_delayed_work(system_dfl_wq, &dmirror->reap_work,
+			   msecs_to_jiffies(DMIRROR_REAP_DELAY_MS));
 }
 
 /**
@@ -1636,7 +1657,8 @@ static void dmirror_leaf_unpublish(struct dmirror *dmirror,
  */
 static void dmirror_reap_work(struct work_struct *work)
 {
-	struct dmirror *dmirror = container_of(work, struct dmirror, reap_work);
+	struct dmirror *dmirror = container_of(to_delayed_work(work),
+					       struct dmirror, reap_work);
 	struct dmirror_leaf *leaf, *next;
 	struct llist_node *list;
 
@@ -2453,6 +2475,7 @@ static struct page *dmirror_page_storage(struct page *page)
 static void dmirror_chunk_free(struct dmirror_chunk *chunk)
 {
 	kvfree(chunk->backing);
+	bitmap_free(chunk->backing_large);
 	kfree(chunk->block_until);
 	kfree(chunk->block_used);
 	bitmap_free(chunk->used);
@@ -2526,7 +2549,9 @@ static int dmirror_chunk_add(struct dmirror_device *mdevice,
 	if (dmirror_is_private(mdevice)) {
 		chunk->backing = kvcalloc(npages, sizeof(*chunk->backing),
 					  GFP_KERNEL);
-		if (!chunk->backing)
+		chunk->backing_large = bitmap_zalloc(npages / HPAGE_PMD_NR,
+						     GFP_KERNEL);
+		if (!chunk->backing || !chunk->backing_large)
 			goto free;
 		res = request_free_mem_region(&iomem_resource, size,
 					      "hmm_dmirror");
@@ -2628,15 +2653,24 @@ static void dmirror_devmem_give(struct dmirror_chunk *chunk,
 	spin_unlock_irqrestore(&mdevice->mem_lock, flags);
 }
 
+/* The bit of @chunk->backing_large for the PMD-sized run holding @pfn. */
+static unsigned long dmirror_backing_run(const struct dmirror_chunk *chunk,
+					 unsigned long pfn)
+{
+	return dmirror_chunk_index(chunk, pfn) >> HPAGE_PMD_ORDER;
+}
+
 /**
  * dmirror_backing_alloc() - emulated device storage for new device pages
  * @chunk: device-private chunk
  * @pfn: first device pfn
  * @order: 0 or the PMD order
  *
- * Backing pages are order-0 pages, so that a device folio can be split
- * without touching them; a large folio gets a contiguous run when one is
- * free, which keeps copies of it fast.
+ * A large folio gets one high-order, non-compound allocation when one is
+ * free: copies of it stay fast, and so does freeing it, which a folio
+ * leaving the device does once for all its pages. A split of the folio
+ * splits it into order-0 pages (dmirror_backing_split()). Without one, and
+ * for small folios, it gets order-0 pages.
  *
  * Return: 0 or -ENOMEM.
  */
@@ -2648,11 +2682,11 @@ static int dmirror_backing_alloc(struct dmirror_chunk *chunk,
 
 	if (dmirror_inject_failure())
 		return -ENOMEM;
-	page = alloc_pages(GFP_HIGHUSER | __GFP_NOWARN, order);
+	page = order ? alloc_pages(GFP_HIGHUSER | __GFP_NOWARN, order) : NULL;
 	if (page) {
-		split_page(page, order);
 		for (i = 0; i < nr; i++)
 			chunk->backing[idx + i] = page + i;
+		set_bit(dmirror_backing_run(chunk, pfn), chunk->backing_large);
 		return 0;
 	}
 	for (i = 0; i < nr; i++) {
@@ -2670,6 +2704,20 @@ undo:
 	return -ENOMEM;
 }
 
+/*
+ * The large device folio holding @pfn is being split: give its pages
+ * order-0 backing that they can free one by one. Does not sleep.
+ */
+static void dmirror_backing_split(struct dmirror_chunk *chunk,
+				  unsigned long pfn)
+{
+	unsigned long run = dmirror_backing_run(chunk, pfn);
+
+	if (test_and_clear_bit(run, chunk->backing_large))
+		split_page(chunk->backing[run << HPAGE_PMD_ORDER],
+			   HPAGE_PMD_ORDER);
+}
+
 static void dmirror_backing_free(struct dmirror_chunk *chunk,
 				 unsigned long pfn, unsigned int order)
 {
@@ -2677,10 +2725,21 @@ static void dmirror_backing_free(struct dmirror_chunk *chunk,
 
 	if (!chunk->backing)
 		return;
-	for (i = 0; i < (1UL << order); i++) {
-		__free_page(chunk->backing[idx + i]);
-		chunk->backing[idx + i] = NULL;
+	if (order == HPAGE_PMD_ORDER &&
+	    test_and_clear_bit(dmirror_backing_run(chunk, pfn),
+			       chunk->backing_large)) {
+		__free_pages(chunk->backing[idx], order);
+	} else {
+		/* Part of a folio split without dmirror_devmem_folio_split(). */
+		if (WARN_ON_ONCE(order < HPAGE_PMD_ORDER &&
+				 test_bit(dmirror_backing_run(chunk, pfn),
+					  chunk->backing_large)))
+			dmirror_backing_split(chunk, pfn);
+		for (i = 0; i < (1UL << order); i++)
+			__free_page(chunk->backing[idx + i]);
 	}
+	for (i = 0; i < (1UL << order); i++)
+		chunk->backing[idx + i] = NULL;
 }
 
 /**
@@ -2750,13 +2809,18 @@ static void dmirror_devmem_folio_free(struct folio *folio)
  * @head: folio being split
  * @tail: a new folio split off it, or NULL when the split is done
  *
- * Backing storage is kept per page, so only the new folio's pagemap and
- * mapping need setting.
+ * The first call splits the backing of the whole folio into order-0 pages;
+ * the new folios then need only their pagemap and mapping set. Called with
+ * the folio frozen, possibly under spinlocks.
  */
 static void dmirror_devmem_folio_split(struct folio *head, struct folio *tail)
 {
+	struct dmirror_chunk *chunk = dmirror_page_chunk(&head->page);
+
 	if (!tail)
 		return;
+	if (chunk->backing)
+		dmirror_backing_split(chunk, folio_pfn(head));
 	tail->pgmap = head->pgmap;
 	tail->page.mapping = head->page.mapping;
 }
@@ -4385,10 +4449,12 @@ static unsigned long dmirror_fault_place(struct dmirror *dmirror,
  * @dmirror: mirror
  * @start: first address
  * @end: end address
- * @bounce: kernel buffer holding the data of [@start, @end)
+ * @bounce: page-aligned kernel buffer holding the data of [@start, @end)
  * @write: copy @bounce to memory rather than memory to @bounce
  *
- * Stops at the first page the device cannot access without a fault.
+ * Stops at the first page the device cannot access without a fault. Whole
+ * pages move with copy_page(), which under TCG is several times faster than
+ * memcpy() (rep movsq, not a loop of moves).
  *
  * Context: pt_lock held, which keeps the mapped pages from being freed.
  * Return: the number of pages copied.
@@ -4403,6 +4469,7 @@ static unsigned long dmirror_copy_mapped(struct dmirror *dmirror,
 	for (addr = start; addr < end; addr += PAGE_SIZE, bounce += PAGE_SIZE) {
 		u64 pte = dmirror_pte_get(dmirror, addr);
 		struct page *mapped, *page;
+		void *kaddr;
 
 		if (!(pte & DMIRROR_PTE_VALID))
 			break;
@@ -4410,13 +4477,14 @@ static unsigned long dmirror_copy_mapped(struct dmirror *dmirror,
 			break;
 		mapped = pfn_to_page(pte >> DMIRROR_PTE_PFN_SHIFT);
 		page = dmirror_page_storage(mapped);
-		if (!write) {
-			memcpy_from_page(bounce, page, 0, PAGE_SIZE);
-			continue;
-		}
-		memcpy_to_page(page, 0, bounce, PAGE_SIZE);
+		kaddr = kmap_local_page(page);
+		if (write)
+			copy_page(kaddr, bounce);
+		else
+			copy_page(bounce, kaddr);
+		kunmap_local(kaddr);
 		/* As a CPU store would, so that reclaim keeps the data. */
-		if (page == mapped)
+		if (write && page == mapped)
 			folio_mark_dirty(page_folio(page));
 	}
 	return (addr - start) >> PAGE_SHIFT;
@@ -4485,7 +4553,8 @@ static int dmirror_access_batch(struct dmirror *dmirror, unsigned long start,
  * @how: DMIRROR_ACCESS_*
  *
  * Data moves through a bounded bounce buffer one batch at a time, because
- * user memory cannot be touched under pt_lock.
+ * user memory cannot be touched under pt_lock. The buffer's size is a power
+ * of two, so kvmalloc() returns it page-aligned, as copy_page() needs.
  *
  * Return: 0, -EFAULT when @cmd->ptr cannot be accessed, or an error of
  * dmirror_fault().
@@ -4499,6 +4568,7 @@ static int dmirror_access(struct dmirror *dmirror, struct hmm_dmirror_cmd *cmd,
 	char *bounce;
 	int ret = 0;
 
+	BUILD_BUG_ON(!is_power_of_2(DMIRROR_BATCH_PAGES));
 	bounce = dmirror_inject_failure() ? NULL :
 		 kvmalloc(DMIRROR_BATCH_PAGES * PAGE_SIZE, GFP_KERNEL);
 	if (!bounce)
@@ -4795,13 +4865,14 @@ static void dmirror_stats_read(struct dmirror *dmirror,
 	unsigned int i;
 
 	/* Deferred removals of this file count as done. */
-	flush_work(&dmirror->reap_work);
+	flush_delayed_work(&dmirror->reap_work);
 
 	for (i = 0; i < DMIRROR_NR_STATS; i++)
 		field[i] = atomic64_read(&mdevice->stats[i]);
 	out->flushes_in_flight_max =
 		atomic_read(&dmirror_flushes_in_flight_max);
 	out->finish_pool = DMIRROR_FLUSH_POOL;
+	out->flush_wake_ns = READ_ONCE(dmirror_wake_ns);
 	out->interconnect_group = mdevice->group ? mdevice->group->id : 0;
 	spin_lock(&mdevice->lock);
 	out->finish_free = DMIRROR_FLUSH_POOL -
@@ -5167,7 +5238,7 @@ static int dmirror_fops_open(struct inode *inode, struct file *filp)
 	mutex_init(&dmirror->pt_lock);
 	xa_init(&dmirror->leaves);
 	init_llist_head(&dmirror->reap_list);
-	INIT_WORK(&dmirror->reap_work, dmirror_reap_work);
+	INIT_DELAYED_WORK(&dmirror->reap_work, dmirror_reap_work);
 	dmirror->whole.dmirror = dmirror;
 	mutex_init(&dmirror->advice_mutex);
 	spin_lock_init(&dmirror->advice_lock);
@@ -5200,7 +5271,7 @@ static void dmirror_teardown(struct dmirror *dmirror)
 	mutex_lock(&dmirror->pt_lock);
 	dmirror->closing = true;
 	mutex_unlock(&dmirror->pt_lock);
-	flush_work(&dmirror->reap_work);
+	flush_delayed_work(&dmirror->reap_work);
 
 	if (!dmirror_is_bound(dmirror))
 		return;
@@ -5338,7 +5409,7 @@ static int dmirror_device_add(unsigned int id,
 	INIT_LIST_HEAD(&mdevice->chunks);
 	dmirror_device_init_settings(mdevice);
 	for (i = 0; i < DMIRROR_FLUSH_POOL; i++)
-		dmirror_flush_init(&mdevice->flush_pool[i], mdevice);
+		mdevice->flush_pool[i].mdevice = mdevice;
 
 	cdev_init(&mdevice->cdev, &dmirror_fops);
 	mdevice->cdev.owner = THIS_MODULE;
@@ -5358,15 +5429,13 @@ static int dmirror_device_add(unsigned int id,
 }
 
 /*
- * Every file of the device is closed, so no flush is pending; cancelling the
- * timers waits for callbacks that may still be returning. Processes may
+ * Every file of the device is closed, so no flush is pending. Processes may
  * still map device memory: it is evicted to system memory first, and
  * memunmap_pages() waits for any page that could not move.
  */
 static void dmirror_device_remove(struct dmirror_device *mdevice)
 {
 	struct dmirror_chunk *chunk, *next;
-	unsigned int i;
 
 	cdev_device_del(&mdevice->cdev, &mdevice->dev);
 	if (dmirror_devmem_release(mdevice))
@@ -5376,8 +5445,6 @@ static void dmirror_device_remove(struct dmirror_device *mdevice)
 	list_for_each_entry_safe(chunk, next, &mdevice->chunks, node)
 		dmirror_chunk_remove(chunk);
 	mutex_unlock(&mdevice->chunk_lock);
-	for (i = 0; i < DMIRROR_FLUSH_POOL; i++)
-		hrtimer_cancel(&mdevice->flush_pool[i].timer);
 	put_device(&mdevice->dev);
 }
 

@@ -171,8 +171,8 @@ struct hmm_dmirror_cmd {
  *	and did the whole invalidation synchronously
  * @nonblock_refused: non-blockable invalidations refused because they
  *	would have had to wait for a flush
- * @flushes_in_flight_max: the largest number of flushes in flight at once,
- *	over all devices
+ * @flushes_in_flight_max: the largest number of flushes in flight at once
+ *	(submitted and not yet waited for), over all devices
  * @notifiers_live: interval notifiers the device's mirrors have now
  * @notifier_inserts: interval notifiers inserted
  * @notifier_removals: interval notifiers removed
@@ -232,9 +232,16 @@ struct hmm_dmirror_cmd {
  *	%HMM_DMIRROR_MIGRATE_TO_DEV
  * @migrate_chunk_ns: in adding chunks of device memory (memremap_pages())
  *	for migrations
+ * @flush_sleeps: waits for a TLB flush that slept; a wait for a flush due
+ *	sooner than a wake-up from a sleep would take (@flush_wake_ns) only
+ *	polls
+ * @flush_wake_ns: how late, on average, a task that slept until a given
+ *	time runs again, as the driver measures its own sleeps on this
+ *	machine, in ns; 0 before the first sleep, at most 1 ms (the longest a
+ *	flush waiter polls). Shared by all devices.
  *
- * @finish_pool, @finish_free, @notifiers_live and @interconnect_group are
- * gauges, the rest counters.
+ * @finish_pool, @finish_free, @notifiers_live, @interconnect_group and
+ * @flush_wake_ns are gauges, the rest counters.
  */
 struct hmm_dmirror_stats {
 	__u64		faults;
@@ -272,6 +279,8 @@ struct hmm_dmirror_stats {
 	__u64		migrate_finalize_ns;
 	__u64		migrate_readback_ns;
 	__u64		migrate_chunk_ns;
+	__u64		flush_sleeps;
+	__u64		flush_wake_ns;
 };
 
 /**

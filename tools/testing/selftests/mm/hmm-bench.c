@@ -129,17 +129,20 @@ static int bench_cmp(const void *a, const void *b)
 	return (x > y) - (x < y);
 }
 
-/* Median munmap() time, in us, with @ndev devices in mode @invalidation. */
+/*
+ * Median munmap() time, in us, with @ndev devices in mode @invalidation; 0
+ * devices: of the munmap() alone.
+ */
 static double bench_config(int ndev, __u32 invalidation, __u64 latency_ns,
 			   int runs)
 {
 	char mirror[BENCH_PAGES * 4096 * 4];
-	int fds[BENCH_MAX_DEVICES];
+	int fds[BENCH_MAX_DEVICES] = { 0 };
 	double *samples, median;
 	int i;
 
-	if (ndev < 1 || ndev > BENCH_MAX_DEVICES) {
-		fprintf(stderr, "hmm-bench: %d devices, 1 to %d possible\n",
+	if (ndev < 0 || ndev > BENCH_MAX_DEVICES) {
+		fprintf(stderr, "hmm-bench: %d devices, 0 to %d possible\n",
 			ndev, BENCH_MAX_DEVICES);
 		exit(1);
 	}
@@ -628,14 +631,55 @@ static int over_table(void)
 	return ret ? 1 : 0;
 }
 
+/*
+ * Reset the statistics of the devices the tables use (@reset), or read how
+ * long a wake-up from a sleep takes in this machine, as the driver measured
+ * it on its flush waits, and how many of the flush waits since the reset
+ * slept, of how many; -1 for a driver without these statistics.
+ */
+static void bench_flush_stats(int reset, double *wake_us, long long *sleeps,
+			      long long *flushes)
+{
+	struct hmm_dmirror_stats st;
+	char path[32];
+	int i, fd;
+
+	if (!reset) {
+		*wake_us = -1;
+		*sleeps = 0;
+		*flushes = 0;
+	}
+	for (i = 0; i < BENCH_MAX_DEVICES; i++) {
+		snprintf(path, sizeof(path), "/dev/hmm_dmirror%d",
+			 bench_device_ids[i]);
+		fd = open(path, O_RDWR | O_CLOEXEC);
+		if (fd < 0)
+			continue;
+		memset(&st, 0, sizeof(st));
+		if (reset) {
+			ioctl(fd, HMM_DMIRROR_STATS_RESET);
+		} else if (!ioctl(fd, HMM_DMIRROR_STATS, &st)) {
+			*wake_us = st.flush_wake_ns / 1e3;
+			*sleeps += st.flush_sleeps;
+			*flushes += st.flushes;
+		}
+		close(fd);
+	}
+}
+
 /* One table: every device count at flush latency @latency_us. */
 static void bench_table(unsigned long latency_us, int runs)
 {
+	long long sleeps, flushes;
+	double wake_us;
 	unsigned int i;
 
 	printf("# munmap() of %d pages mirrored by N devices, ", BENCH_PAGES);
 	printf("flush latency L = %lu us, median of %d runs\n", latency_us,
 	       runs);
+	bench_flush_stats(1, NULL, NULL, NULL);
+	printf("# munmap() alone, no device: %.1f us\n",
+	       bench_config(0, HMM_DMIRROR_TWO_PASS, 0, runs));
 	printf("# %7s %10s %16s %14s %11s %15s\n", "devices", "L=0 us",
 	       "single-pass us", "two-pass us", "single/two",
 	       "(two-L=0)/L");
@@ -656,6 +700,11 @@ static void bench_table(unsigned long latency_us, int runs)
 		printf("csv,munmap_%lu,%d,%.1f,%.1f,%.1f\n", latency_us, n,
 		       base, single, two);
 	}
+	bench_flush_stats(0, &wake_us, &sleeps, &flushes);
+	printf("# a wake-up from a sleep costs %.1f us here (the driver's measure); ",
+	       wake_us);
+	printf("%lld of %lld flush waits slept, the rest only polled\n",
+	       sleeps, flushes);
 }
 
 int main(int argc, char **argv)

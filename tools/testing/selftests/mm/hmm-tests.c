@@ -162,7 +162,10 @@ static int hmm_open(int device)
 	return fd;
 }
 
-/* For the times tests print: never for what they assert. */
+/*
+ * For the times tests print, and for a lower bound (a slow host only makes
+ * things take longer): never for an upper bound.
+ */
 static __u64 hmm_now_ns(void)
 {
 	struct timespec ts;
@@ -5331,6 +5334,68 @@ TEST_F(hmm_config, fail_next_finish)
 		hmm_buffer_free(&b);
 	}
 	close(fd);
+}
+
+/* Flush latencies the driver polls for, and ones it sleeps for first. */
+static const struct {
+	const char	*name;
+	__u32		invalidation;
+	__u64		latency_ns;
+} hmm_flush_wait_cases[] = {
+	{ "single pass, 500 us", HMM_DMIRROR_SINGLE_PASS, HMM_MS / 2 },
+	{ "single pass, 20 ms", HMM_DMIRROR_SINGLE_PASS, 20 * HMM_MS },
+	{ "two pass, 500 us", HMM_DMIRROR_TWO_PASS, HMM_MS / 2 },
+	{ "two pass, 20 ms", HMM_DMIRROR_TWO_PASS, 20 * HMM_MS },
+};
+
+/*
+ * However the driver waits for a flush, sleeping first or only polling, the
+ * wait ends no sooner than the flush: an munmap() of a range one device
+ * mirrors takes at least the flush latency, in either mode. The driver's
+ * measure of a wake-up stays within the longest it polls for.
+ */
+TEST_F(hmm_config, flush_wait_latency)
+{
+	struct hmm_dmirror_settings set = {
+		.notifier_model = HMM_DMIRROR_NOTIFIER_PER_LEAF,
+		.leaf_size = HMM_LEAF_SIZE,
+	};
+	struct hmm_dmirror_inval_record rec;
+	struct hmm_dmirror_stats stats;
+	struct hmm_dmirror_cmd cmd;
+	struct hmm_buffer b;
+	unsigned int i;
+	__u64 mark, ns;
+	int fd;
+
+	for (i = 0; i < ARRAY_SIZE(hmm_flush_wait_cases); i++) {
+		const char *name = hmm_flush_wait_cases[i].name;
+
+		set.invalidation = hmm_flush_wait_cases[i].invalidation;
+		set.flush_latency_ns = hmm_flush_wait_cases[i].latency_ns;
+		fd = hmm_open_set(&self->saved, 0, &set);
+		ASSERT_LE(0, fd) TH_LOG("%s", name);
+		ASSERT_BUFFER_MAP(&b, HMM_LEAF, 16, 0xf1a + i);
+		ASSERT_EQ(0, hmm_cmd(fd, HMM_DMIRROR_READ, b.ptr, b.mirror,
+				     b.npages, &cmd)) TH_LOG("%s", name);
+
+		mark = hmm_inval_mark(fd);
+		ns = hmm_now_ns();
+		ASSERT_EQ(0, hmm_buffer_unmap(&b));
+		ns = hmm_now_ns() - ns;
+		ASSERT_EQ(0, hmm_inval_find(fd, b.ptr, b.size, self->page_size,
+					    mark, HMM_DMIRROR_EVENT_UNMAP,
+					    &rec)) TH_LOG("%s", name);
+		ASSERT_EQ(1U, rec.flushes) TH_LOG("%s", name);
+		ASSERT_LE(set.flush_latency_ns, ns)
+			TH_LOG("%s: munmap() took %llu us", name, ns / 1000);
+		ASSERT_EQ(0, hmm_stats(fd, &stats));
+		ASSERT_GE(HMM_MS, stats.flush_wake_ns) TH_LOG("%s", name);
+		TH_LOG("%s: munmap() %llu us, a wake-up costs %llu us", name,
+		       ns / 1000, stats.flush_wake_ns / 1000);
+		close(fd);
+		hmm_buffer_free(&b);
+	}
 }
 
 #define HMM_MIXED_DEVICES	4U
