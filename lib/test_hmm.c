@@ -64,9 +64,10 @@
  * is submitted, runs asynchronously and completes flush_latency later. A
  * waiter sleeps until shortly before that and polls for the rest, the time
  * a wake-up takes on this machine, which the driver measures on its own
- * sleeps: the wait ends when the flush does, not a wake-up later (on TCG a
- * wake-up costs more than the default latency). A device takes
- * invalidations in one of two modes:
+ * sleeps (one wait in %DMIRROR_WAKE_PROBE that would only poll sleeps
+ * instead, to keep the measure current): the wait ends when the flush does,
+ * not a wake-up later (on TCG a wake-up costs more than the default
+ * latency). A device takes invalidations in one of two modes:
  *
  * - single pass (&mmu_interval_notifier_ops.invalidate): clear the PTEs,
  *   flush, wait. With N devices mirroring a range, an munmap() waits N
@@ -105,8 +106,9 @@
  * private chunks of 64 MiB are created with memremap_pages() when the device
  * first runs out, up to device_memory_mb; the coherent devices own the range
  * reserved at boot. A bitmap per chunk hands out 4 KiB pages and PMD-sized
- * folios. The CPU cannot address device-private memory, so each such page
- * has an order-0 system page standing in for its storage.
+ * folios. The CPU cannot address device-private memory, so system memory
+ * stands in for its storage: an order-0 page for a 4 KiB device page, one
+ * order-9 allocation for a PMD-sized folio until the folio is split.
  *
  * Placement. A device that decides for itself where memory goes follows
  * per-range advice (HMM_DMIRROR_ADVISE, kept per mirror in an interval
@@ -173,7 +175,11 @@
  * caused itself, under one of its outer locks (reclaim while a leaf is
  * allocated under leaf_lock, eviction under chunk_lock), would be held with
  * that lock too: the test that armed the hold must need none of them to
- * release it, and arms it only around what it runs itself.
+ * release it, and arms it only around what it runs itself. Removing a
+ * notifier waits for the invalidation in progress to end, so the leaf reaper
+ * waits for a held invalidation, and so does HMM_DMIRROR_STATS, which flushes
+ * the reaper: a test does not read the statistics of a file while an
+ * invalidation of its mm is held.
  *
  * dmirror_log_lock (a spinlock) protects the record of invalidations; it is
  * taken from invalidation callbacks, alone: nothing else is locked under it.
@@ -336,6 +342,7 @@
 #include <linux/huge_mm.h>
 #include <linux/ioport.h>
 #include <linux/init.h>
+#include <linux/instrumented.h>
 #include <linux/interval_tree.h>
 #include <linux/kernel.h>
 #include <linux/kref.h>
@@ -385,10 +392,12 @@
  */
 #define DMIRROR_MAX_POLL_NS		(1 * NSEC_PER_MSEC)
 #define DMIRROR_WAKE_WEIGHT		8
+#define DMIRROR_WAKE_PROBE		16
 /*
- * Emptied leaves are removed this long after the invalidation that emptied
- * them: waking a worker is then no part of the invalidation, and a leaf
- * faulted in again meanwhile keeps its notifier.
+ * Emptied leaves are removed at most this long after the first invalidation
+ * that queued one (sooner when the statistics are read or the file closed):
+ * waking a worker is then no part of the invalidation, and a leaf faulted in
+ * again meanwhile keeps its notifier.
  */
 #define DMIRROR_REAP_DELAY_MS		10
 
@@ -770,7 +779,9 @@ static dev_t dmirror_devt;
 static atomic_t dmirror_flushes_in_flight = ATOMIC_INIT(0);
 static atomic_t dmirror_flushes_in_flight_max = ATOMIC_INIT(0);
 /* What waking up from a sleep costs here, in ns: see dmirror_sleep_until(). */
-static u64 dmirror_wake_ns;
+static unsigned long dmirror_wake_ns;
+/* Flush waits that only polled, for the sampling of dmirror_wake_ns. */
+static atomic_t dmirror_polled_waits = ATOMIC_INIT(0);
 
 struct dmirror;
 struct dmirror_advice;
@@ -1135,23 +1146,37 @@ static void dmirror_flush_submit(struct dmirror_flush *flush, u64 latency)
  * @until: when to wake up
  *
  * How late the task runs again after the timer is folded into
- * dmirror_wake_ns, an average over the last sleeps of all devices.
+ * dmirror_wake_ns, an average over the last sleeps of all devices. A
+ * wake-up before the time (an uninterruptible sleep can be woken by a stray
+ * wake_up_process()) sleeps again.
  */
 static void dmirror_sleep_until(struct dmirror_device *mdevice, ktime_t until)
 {
-	u64 wake = READ_ONCE(dmirror_wake_ns);
+	unsigned long wake;
 	s64 late;
 
 	atomic64_inc(dmirror_stat(mdevice, flush_sleeps));
-	set_current_state(TASK_UNINTERRUPTIBLE);
-	schedule_hrtimeout(&until, HRTIMER_MODE_ABS);
-	late = ktime_to_ns(ktime_sub(ktime_get(), until));
-	if (late < 0)
-		return;
-	/* Racing updates lose one sample, which an average can afford. */
+	do {
+		set_current_state(TASK_UNINTERRUPTIBLE);
+		schedule_hrtimeout(&until, HRTIMER_MODE_ABS);
+		late = ktime_to_ns(ktime_sub(ktime_get(), until));
+	} while (late < 0);
+	/* Racing updates lose a sample, which an average can afford. */
+	wake = READ_ONCE(dmirror_wake_ns);
 	wake = wake - wake / DMIRROR_WAKE_WEIGHT +
 	       min_t(u64, late, DMIRROR_MAX_POLL_NS) / DMIRROR_WAKE_WEIGHT;
 	WRITE_ONCE(dmirror_wake_ns, wake);
+}
+
+/*
+ * Should a flush wait that would only poll sleep instead, to measure the
+ * wake-up again? One in %DMIRROR_WAKE_PROBE does: without it, once the
+ * measure exceeds the flush latency nothing would refresh it, and a measure
+ * taken on a busy host would keep every wait polling for long.
+ */
+static bool dmirror_wake_probe(void)
+{
+	return !(atomic_inc_return(&dmirror_polled_waits) % DMIRROR_WAKE_PROBE);
 }
 
 /**
@@ -1161,16 +1186,20 @@ static void dmirror_sleep_until(struct dmirror_device *mdevice, ktime_t until)
  * Sleeps until what a wake-up costs (dmirror_wake_ns) before the flush
  * completes, then polls for the rest, as drivers poll for a completion that
  * is due sooner than a sleep would end: a flush due within a wake-up is
- * only polled for, and a long one costs one sleep and a short poll. A flush
- * that has completed costs nothing. Sleeps only if the flush is not due
- * within a wake-up, which a flush of latency 0 never is.
+ * only polled for (but for the odd one that measures the wake-up again,
+ * dmirror_wake_probe()), a longer one costs a sleep and a short poll. A
+ * flush that has completed costs nothing. Sleeps only if the flush has not
+ * completed, which a flush of latency 0 always has.
  */
 static void dmirror_flush_wait(struct dmirror_flush *flush)
 {
 	ktime_t wake = ktime_sub_ns(flush->deadline, READ_ONCE(dmirror_wake_ns));
+	ktime_t now = ktime_get();
 
-	if (ktime_before(ktime_get(), wake))
+	if (ktime_before(now, wake))
 		dmirror_sleep_until(flush->mdevice, wake);
+	else if (ktime_before(now, flush->deadline) && dmirror_wake_probe())
+		dmirror_sleep_until(flush->mdevice, flush->deadline);
 	while (ktime_before(ktime_get(), flush->deadline))
 		cpu_relax();
 	atomic_dec(&dmirror_flushes_in_flight);
@@ -2713,7 +2742,9 @@ static void dmirror_backing_split(struct dmirror_chunk *chunk,
 {
 	unsigned long run = dmirror_backing_run(chunk, pfn);
 
-	if (test_and_clear_bit(run, chunk->backing_large))
+	/* test_bit() first: called once for every page split off. */
+	if (test_bit(run, chunk->backing_large) &&
+	    test_and_clear_bit(run, chunk->backing_large))
 		split_page(chunk->backing[run << HPAGE_PMD_ORDER],
 			   HPAGE_PMD_ORDER);
 }
@@ -4444,6 +4475,14 @@ static unsigned long dmirror_fault_place(struct dmirror *dmirror,
  * Device access: READ, WRITE, READ_UNLOCKED
  */
 
+/* copy_page(), checked by KASAN and KCSAN as memcpy() is. */
+static void dmirror_copy_page(void *to, void *from)
+{
+	instrument_memcpy_before(to, from, PAGE_SIZE);
+	copy_page(to, from);
+	instrument_memcpy_after(to, from, PAGE_SIZE, 0);
+}
+
 /**
  * dmirror_copy_mapped() - device access through the device page table
  * @dmirror: mirror
@@ -4479,9 +4518,9 @@ static unsigned long dmirror_copy_mapped(struct dmirror *dmirror,
 		page = dmirror_page_storage(mapped);
 		kaddr = kmap_local_page(page);
 		if (write)
-			copy_page(kaddr, bounce);
+			dmirror_copy_page(kaddr, bounce);
 		else
-			copy_page(bounce, kaddr);
+			dmirror_copy_page(bounce, kaddr);
 		kunmap_local(kaddr);
 		/* As a CPU store would, so that reclaim keeps the data. */
 		if (write && page == mapped)

@@ -104,8 +104,8 @@ struct hmm_dmirror_cmd {
  * programs built with an older or newer header keep working.
  *
  * HMM_DMIRROR_STATS_RESET: zero the device's counters and the global
- * largest-number-of-flushes-in-flight (the live notifier count is a gauge
- * and stays).
+ * largest-number-of-flushes-in-flight (the live notifier count and the
+ * driver's measure of a wake-up are gauges and stay).
  *
  * HMM_DMIRROR_GET_SETTINGS / HMM_DMIRROR_SET_SETTINGS: read or change the
  * device's struct hmm_dmirror_settings. The invalidation mode and the flush

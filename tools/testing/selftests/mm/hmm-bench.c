@@ -703,7 +703,7 @@ static void bench_table(unsigned long latency_us, int runs)
 	bench_flush_stats(0, &wake_us, &sleeps, &flushes);
 	printf("# a wake-up from a sleep costs %.1f us here (the driver's measure); ",
 	       wake_us);
-	printf("%lld of %lld flush waits slept, the rest only polled\n",
+	printf("%lld flush waits slept (%lld flushes, L = 0 included)\n",
 	       sleeps, flushes);
 }
 
