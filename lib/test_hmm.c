@@ -780,7 +780,7 @@ static atomic_t dmirror_flushes_in_flight = ATOMIC_INIT(0);
 static atomic_t dmirror_flushes_in_flight_max = ATOMIC_INIT(0);
 /* What waking up from a sleep costs here, in ns: see dmirror_sleep_until(). */
 static unsigned long dmirror_wake_ns;
-/* Flush waits that only polled, for the sampling of dmirror_wake_ns. */
+/* Flush waits due within a wake-up: dmirror_wake_probe() counts them. */
 static atomic_t dmirror_polled_waits = ATOMIC_INIT(0);
 
 struct dmirror;
