@@ -59,6 +59,15 @@ static const int bench_device_ids[BENCH_MAX_DEVICES] = {
 
 static const int bench_device_counts[] = { 1, 2, 4, 8 };
 
+/* Open /dev/hmm_dmirror<@id>: the file, or -1 with errno set. */
+static int bench_dev_open(int id)
+{
+	char path[32];
+
+	snprintf(path, sizeof(path), "/dev/hmm_dmirror%d", id);
+	return open(path, O_RDWR | O_CLOEXEC);
+}
+
 static int bench_open(int id, __u32 invalidation, __u64 latency_ns)
 {
 	struct hmm_dmirror_settings set = {
@@ -67,17 +76,16 @@ static int bench_open(int id, __u32 invalidation, __u64 latency_ns)
 		.flush_latency_ns = latency_ns,
 		.leaf_size = 2UL << 20,
 	};
-	char path[32];
-	int fd;
+	int fd = bench_dev_open(id);
 
-	snprintf(path, sizeof(path), "/dev/hmm_dmirror%d", id);
-	fd = open(path, O_RDWR | O_CLOEXEC);
 	if (fd < 0) {
-		fprintf(stderr, "open %s: %s\n", path, strerror(errno));
+		fprintf(stderr, "open /dev/hmm_dmirror%d: %s\n", id,
+			strerror(errno));
 		exit(1);
 	}
 	if (ioctl(fd, HMM_DMIRROR_SET_SETTINGS, &set)) {
-		fprintf(stderr, "settings of %s: %s\n", path, strerror(errno));
+		fprintf(stderr, "settings of /dev/hmm_dmirror%d: %s\n", id,
+			strerror(errno));
 		exit(1);
 	}
 	return fd;
@@ -385,7 +393,7 @@ static struct mig_breakdown *mig_breakdown_of(unsigned long size_mb, int thp)
 /* The migration table; uses only upstream's ioctls. */
 static int mig_table(void)
 {
-	int fd = open("/dev/hmm_dmirror0", O_RDWR | O_CLOEXEC);
+	int fd = bench_dev_open(0);
 	unsigned int i;
 
 	if (fd < 0) {
@@ -438,10 +446,8 @@ static int mig_table(void)
 static long peer_open(int id, int *fd)
 {
 	struct hmm_dmirror_stats stats;
-	char path[32];
 
-	snprintf(path, sizeof(path), "/dev/hmm_dmirror%d", id);
-	*fd = open(path, O_RDWR | O_CLOEXEC);
+	*fd = bench_dev_open(id);
 	if (*fd < 0 || ioctl(*fd, HMM_DMIRROR_STATS, &stats))
 		return -1;
 	return stats.interconnect_group;
@@ -593,7 +599,7 @@ static int over_measure(int fd, size_t size, int shuffle, double *mibps,
 /* The oversubscription table, if the driver has placement advice. */
 static int over_table(void)
 {
-	int fd = open("/dev/hmm_dmirror0", O_RDWR | O_CLOEXEC);
+	int fd = bench_dev_open(0);
 	unsigned int i;
 	int shuffle, ret = 0;
 
@@ -631,34 +637,41 @@ static int over_table(void)
 	return ret ? 1 : 0;
 }
 
+/* Reset the statistics of the devices the munmap() tables use. */
+static void bench_stats_reset(void)
+{
+	int i, fd;
+
+	for (i = 0; i < BENCH_MAX_DEVICES; i++) {
+		fd = bench_dev_open(bench_device_ids[i]);
+		if (fd < 0)
+			continue;
+		ioctl(fd, HMM_DMIRROR_STATS_RESET);
+		close(fd);
+	}
+}
+
 /*
- * Reset the statistics of the devices the tables use (@reset), or read how
- * long a wake-up from a sleep takes in this machine, as the driver measured
- * it on its flush waits, and how many of the flush waits since the reset
- * slept, of how many; -1 for a driver without these statistics.
+ * How long a wake-up from a sleep takes in this machine, as the driver
+ * measured it on its flush waits (-1 for a driver without the statistics),
+ * and, on the devices the tables use since bench_stats_reset(), how many
+ * flush waits slept and how many flushes there were.
  */
-static void bench_flush_stats(int reset, double *wake_us, long long *sleeps,
+static void bench_flush_waits(double *wake_us, long long *sleeps,
 			      long long *flushes)
 {
 	struct hmm_dmirror_stats st;
-	char path[32];
 	int i, fd;
 
-	if (!reset) {
-		*wake_us = -1;
-		*sleeps = 0;
-		*flushes = 0;
-	}
+	*wake_us = -1;
+	*sleeps = 0;
+	*flushes = 0;
 	for (i = 0; i < BENCH_MAX_DEVICES; i++) {
-		snprintf(path, sizeof(path), "/dev/hmm_dmirror%d",
-			 bench_device_ids[i]);
-		fd = open(path, O_RDWR | O_CLOEXEC);
+		fd = bench_dev_open(bench_device_ids[i]);
 		if (fd < 0)
 			continue;
 		memset(&st, 0, sizeof(st));
-		if (reset) {
-			ioctl(fd, HMM_DMIRROR_STATS_RESET);
-		} else if (!ioctl(fd, HMM_DMIRROR_STATS, &st)) {
+		if (!ioctl(fd, HMM_DMIRROR_STATS, &st)) {
 			*wake_us = st.flush_wake_ns / 1e3;
 			*sleeps += st.flush_sleeps;
 			*flushes += st.flushes;
@@ -677,7 +690,7 @@ static void bench_table(unsigned long latency_us, int runs)
 	printf("# munmap() of %d pages mirrored by N devices, ", BENCH_PAGES);
 	printf("flush latency L = %lu us, median of %d runs\n", latency_us,
 	       runs);
-	bench_flush_stats(1, NULL, NULL, NULL);
+	bench_stats_reset();
 	printf("# munmap() alone, no device: %.1f us\n",
 	       bench_config(0, HMM_DMIRROR_TWO_PASS, 0, runs));
 	printf("# %7s %10s %16s %14s %11s %15s\n", "devices", "L=0 us",
@@ -700,7 +713,7 @@ static void bench_table(unsigned long latency_us, int runs)
 		printf("csv,munmap_%lu,%d,%.1f,%.1f,%.1f\n", latency_us, n,
 		       base, single, two);
 	}
-	bench_flush_stats(0, &wake_us, &sleeps, &flushes);
+	bench_flush_waits(&wake_us, &sleeps, &flushes);
 	printf("# a wake-up from a sleep costs %.1f us here (the driver's measure); ",
 	       wake_us);
 	printf("%lld flush waits slept (%lld flushes, L = 0 included)\n",
@@ -748,7 +761,7 @@ int main(int argc, char **argv)
 		return 1;
 
 	/* The kernel's own driver has no invalidation settings. */
-	fd = open("/dev/hmm_dmirror0", O_RDWR | O_CLOEXEC);
+	fd = bench_dev_open(0);
 	if (fd < 0 || ioctl(fd, HMM_DMIRROR_GET_SETTINGS, &set)) {
 		printf("# invalidation benchmark skipped: no settings ioctl\n");
 		return 0;
