@@ -1777,8 +1777,7 @@ bench_goals() {
 			       met ? "met" : "NOT met"
 		}
 		FNR == 1 { file = FILENAME; sub(/.*\//, "", file); next }
-		file == "migration.csv" { m[$1, $2, 3] = $3; m[$1, $2, 4] = $4
-					  m[$1, $2, 5] = $5; m[$1, $2, 6] = $6 }
+		file == "migration.csv" { for (c = 3; c <= 6; c++) m[$1, $2, c] = $c }
 		file ~ /^munmap_/ && $1 == "ours" {
 			lat = file; sub(/^munmap_/, "", lat); sub(/\.csv$/, "", lat)
 			fixed[lat, $2] = $3; single[lat, $2] = $4; two[lat, $2] = $5
@@ -1806,7 +1805,7 @@ bench_goals() {
 # over the number of devices (single-pass, two-pass and the fixed cost, one
 # plot per flush latency).
 bench_plots() {
-	local dir=$1 f name lat
+	local dir=$1 f name lat driver series
 	if ! command -v gnuplot >/dev/null; then
 		progress "bench: no gnuplot (Debian: gnuplot-nox): no plots"
 		return 0
@@ -1816,17 +1815,17 @@ bench_plots() {
 		name=$(basename "$f" .csv)
 		case $name in
 		migration)
+			series=()
+			for driver in ours tree; do
+				series+=("$(bench_series "$f" $driver \
+					3 "$driver, 4K sys->dev" \
+					4 "$driver, THP sys->dev" \
+					5 "$driver, 4K dev->sys" \
+					6 "$driver, THP dev->sys")")
+			done
 			bench_gnuplot "$dir/$name.svg" \
 				"Migration throughput (median)" "size (MiB)" \
-				"MiB/s" "set logscale x 2" \
-				"$(bench_series "$f" ours 3 "ours, 4K sys->dev" \
-					4 "ours, THP sys->dev" \
-					5 "ours, 4K dev->sys" \
-					6 "ours, THP dev->sys")" \
-				"$(bench_series "$f" tree 3 "tree, 4K sys->dev" \
-					4 "tree, THP sys->dev" \
-					5 "tree, 4K dev->sys" \
-					6 "tree, THP dev->sys")" ;;
+				"MiB/s" "set logscale x 2" "${series[@]}" ;;
 		munmap_*)
 			lat=${name#munmap_}
 			bench_gnuplot "$dir/$name.svg" \
